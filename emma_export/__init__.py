@@ -1,0 +1,1 @@
+"""emma-deploy, export side: the reference PyTorch EMMA, ONNX export, quantization, engines."""

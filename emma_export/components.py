@@ -1,0 +1,394 @@
+"""One class per exported EMMA component: its IO (names, dtypes, symbolic shapes), the module to
+trace, sample inputs at any concrete shape, the shapes verify checks, and the TensorRT profile.
+
+Export, verify, quantize, build and the bundle manifest all read these declarations, so a tensor
+is named and shaped in exactly one place.
+
+Layout decisions (the runtime relies on them):
+- Images are NCHW float in [-1, 1]; latents are the autoencoder's *scaled* latents (B, C, h, w).
+- The KV cache is time-major and stacked over layers: ``(past, layers, batch, kv_heads, head_dim)``.
+  A prefix ``cache[:P]`` and the slot of the next chunk ``cache[P:P+S]`` are contiguous for any
+  batch, so the runtime binds views of one preallocated buffer as the graph's past input and as its
+  ``new_keys``/``new_values`` outputs: no step copies the cache.
+- The backbone graphs take an explicit boolean ``attention_mask`` (batch, seq, past + seq): the
+  runtime builds it with EMMA's mask rule, so padding (batched CFG prefixes) and both chunk kinds
+  (causal text, bidirectional image) need no extra graph.
+- The token embedding is a graph (a Gather) so the embedding can stay on the device; the tied LM
+  head graph holds the same matrix again (documented cost: vocab x hidden weights twice).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import EMMAConfig
+from .model.backbone import GEN, UND
+
+Dim = int | str
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, int64, bool
+    shape: tuple[Dim, ...]
+
+    def concrete(self, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(d if isinstance(d, int) else dims[d] for d in self.shape)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def image_dims(cfg: EMMAConfig, batch: int, height: int, width: int) -> dict[str, int]:
+    gh, gw = cfg.grid(height, width)
+    p = cfg.vision.patch_size
+    return {"batch": batch, "height": height, "width": width, "grid_h": gh, "grid_w": gw,
+            "patch_h": height // p, "patch_w": width // p, "tokens": gh * gw}
+
+
+class Component:
+    """Base: subclasses declare IO and the module; the helpers below derive the rest."""
+
+    name: str = ""
+    #: state-dict keys of the full EMMA model that this component reads
+    def uses(self, key: str) -> bool:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def inputs(self, cfg: EMMAConfig) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def outputs(self, cfg: EMMAConfig) -> list[TensorSpec]:
+        raise NotImplementedError
+
+    def module(self, model) -> nn.Module:
+        raise NotImplementedError
+
+    def export_dims(self, cfg: EMMAConfig) -> dict[str, int]:
+        """Concrete sizes to trace at: every dynamic dim >= 2 and distinct, so no size is baked in."""
+        raise NotImplementedError
+
+    def verify_dims(self, cfg: EMMAConfig) -> list[dict[str, int]]:
+        """Two or more shapes per dynamic axis for parity checks."""
+        raise NotImplementedError
+
+    def profile(self, cfg: EMMAConfig) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) per symbol for TensorRT optimization profiles."""
+        raise NotImplementedError
+
+    def sample_inputs(self, cfg: EMMAConfig, dims: dict[str, int], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        out = {}
+        for spec in self.inputs(cfg):
+            shape = spec.concrete(dims)
+            if spec.dtype == "float32":
+                out[spec.name] = rng.standard_normal(shape).astype(np.float32)
+            elif spec.dtype == "int64":
+                out[spec.name] = rng.integers(0, cfg.llm.vocab_size, size=shape).astype(np.int64)
+            elif spec.dtype == "bool":
+                out[spec.name] = np.ones(shape, dtype=bool)
+        return out
+
+    def dynamic_axes(self, cfg: EMMAConfig) -> dict[str, dict[int, str]]:
+        axes = {}
+        for spec in self.inputs(cfg) + self.outputs(cfg):
+            d = {i: s for i, s in enumerate(spec.shape) if isinstance(s, str)}
+            if d:
+                axes[spec.name] = d
+        return axes
+
+
+# ---- image components -------------------------------------------------------------------------
+
+class _ImageComponent(Component):
+    def export_dims(self, cfg):
+        c = cfg.cell
+        return image_dims(cfg, 2, 3 * c, 2 * c)
+
+    def verify_dims(self, cfg):
+        c = cfg.cell
+        return [image_dims(cfg, 1, 2 * c, 2 * c), image_dims(cfg, 2, 4 * c, 3 * c)]
+
+    def profile(self, cfg):
+        c = cfg.cell
+        big = max(cfg.image_size * 2, 4 * c)
+        d_min, d_opt, d_max = image_dims(cfg, 1, c, c), image_dims(cfg, 1, cfg.image_size, cfg.image_size), image_dims(cfg, 4, big, big)
+        return {k: (d_min[k], d_opt[k], d_max[k]) for k in d_min}
+
+    def sample_inputs(self, cfg, dims, rng):
+        out = super().sample_inputs(cfg, dims, rng)
+        for spec in self.inputs(cfg):
+            if spec.name in ("image", "pixel_values"):
+                out[spec.name] = rng.uniform(-1, 1, spec.concrete(dims)).astype(np.float32)
+        return out
+
+
+class AEEncoder(_ImageComponent):
+    name = "ae_encoder"
+
+    def uses(self, key):
+        return key.startswith("ae.encoder.")
+
+    def inputs(self, cfg):
+        return [TensorSpec("image", "float32", ("batch", 3, "height", "width"))]
+
+    def outputs(self, cfg):
+        return [TensorSpec("latents", "float32", ("batch", cfg.ae.latent_channels, "grid_h", "grid_w"))]
+
+    def module(self, model):
+        return _Call(lambda image: model.ae.encode(image), model)
+
+
+class AEDecoder(_ImageComponent):
+    name = "ae_decoder"
+
+    def uses(self, key):
+        return key.startswith("ae.decoder.")
+
+    def inputs(self, cfg):
+        return [TensorSpec("latents", "float32", ("batch", cfg.ae.latent_channels, "grid_h", "grid_w"))]
+
+    def outputs(self, cfg):
+        return [TensorSpec("image", "float32", ("batch", 3, "height", "width"))]
+
+    def module(self, model):
+        return _Call(lambda latents: model.ae.decode(latents), model)
+
+
+class UndTrunk(_ImageComponent):
+    name = "und_trunk"
+
+    def uses(self, key):
+        return key.startswith("vision.trunk.")
+
+    def inputs(self, cfg):
+        return [TensorSpec("pixel_values", "float32", ("batch", 3, "height", "width"))]
+
+    def outputs(self, cfg):
+        return [
+            TensorSpec("trunk_hidden", "float32", ("batch", "patch_h", "patch_w", cfg.vision.hidden_size)),
+            TensorSpec("router_logits", "float32", ("batch", cfg.vision.num_experts)),
+        ]
+
+    def module(self, model):
+        return _Call(lambda pixel_values: model.vision.trunk(pixel_values), model)
+
+
+class UndExpert(_ImageComponent):
+    def __init__(self, index: int):
+        self.index = index
+        self.name = f"und_expert_{index}"
+
+    def uses(self, key):
+        return key.startswith(f"vision.experts.{self.index}.")
+
+    def inputs(self, cfg):
+        return [TensorSpec("trunk_hidden", "float32", ("batch", "patch_h", "patch_w", cfg.vision.hidden_size))]
+
+    def outputs(self, cfg):
+        return [TensorSpec("und_features", "float32", ("batch", "grid_h", "grid_w", cfg.vision.feature_dim))]
+
+    def module(self, model):
+        expert = model.vision.experts[self.index]
+        return _Call(lambda trunk_hidden: expert(trunk_hidden), model)
+
+
+class UndAdapter(_ImageComponent):
+    name = "und_adapter"
+
+    def uses(self, key):
+        return key.startswith("und_adapter.")
+
+    def inputs(self, cfg):
+        return [
+            TensorSpec("und_features", "float32", ("batch", "grid_h", "grid_w", cfg.vision.feature_dim)),
+            TensorSpec("latents", "float32", ("batch", cfg.ae.latent_channels, "grid_h", "grid_w")),
+        ]
+
+    def outputs(self, cfg):
+        return [TensorSpec("image_embeds", "float32", ("batch", "tokens", cfg.llm.hidden_size))]
+
+    def module(self, model):
+        return _Call(lambda und_features, latents: model.und_adapter(und_features, latents), model)
+
+
+class GenAdapter(UndAdapter):
+    name = "gen_adapter"
+
+    def uses(self, key):
+        return key.startswith("gen_adapter.")
+
+    def inputs(self, cfg):
+        return super().inputs(cfg) + [TensorSpec("timestep", "float32", ("batch",))]
+
+    def module(self, model):
+        return _Call(lambda und_features, latents, timestep: model.gen_adapter(und_features, latents, timestep), model)
+
+    def sample_inputs(self, cfg, dims, rng):
+        out = super().sample_inputs(cfg, dims, rng)
+        out["timestep"] = rng.uniform(0, 1, (dims["batch"],)).astype(np.float32)
+        return out
+
+
+# ---- sequence components ----------------------------------------------------------------------
+
+class _SeqComponent(Component):
+    def export_dims(self, cfg):
+        return {"batch": 2, "seq": 5, "past": 3, "total": 8}
+
+    def verify_dims(self, cfg):
+        return [
+            {"batch": 1, "seq": 1, "past": 0, "total": 1},
+            {"batch": 1, "seq": 37, "past": 19, "total": 56},
+            {"batch": 2, "seq": 1, "past": 19, "total": 20},
+            {"batch": 2, "seq": 7, "past": 0, "total": 7},
+        ]
+
+    def profile(self, cfg):
+        ctx = cfg.max_context
+        return {"batch": (1, 1, 4), "seq": (1, 64, ctx), "past": (0, 256, ctx), "total": (1, 320, 2 * ctx)}
+
+
+class EmbedTokens(_SeqComponent):
+    name = "embed_tokens"
+
+    def uses(self, key):
+        return key.startswith("llm.embed_tokens.")
+
+    def inputs(self, cfg):
+        return [TensorSpec("input_ids", "int64", ("batch", "seq"))]
+
+    def outputs(self, cfg):
+        return [TensorSpec("inputs_embeds", "float32", ("batch", "seq", cfg.llm.hidden_size))]
+
+    def module(self, model):
+        return _Call(lambda input_ids: model.llm.embed_tokens(input_ids), model)
+
+
+class LMHead(_SeqComponent):
+    name = "lm_head"
+
+    def uses(self, key):
+        return key.startswith(("lm_head.", "llm.embed_tokens."))
+
+    def inputs(self, cfg):
+        return [TensorSpec("hidden_states", "float32", ("batch", "seq", cfg.llm.hidden_size))]
+
+    def outputs(self, cfg):
+        return [TensorSpec("logits", "float32", ("batch", "seq", cfg.llm.vocab_size))]
+
+    def module(self, model):
+        return _Call(lambda hidden_states: model.lm_head(hidden_states), model)
+
+
+class GenHead(LMHead):
+    name = "gen_head"
+
+    def uses(self, key):
+        return key.startswith("gen_head.")
+
+    def outputs(self, cfg):
+        return [TensorSpec("velocity", "float32", ("batch", "seq", cfg.ae.latent_channels))]
+
+    def module(self, model):
+        return _Call(lambda hidden_states: model.gen_head(hidden_states), model)
+
+
+class Backbone(_SeqComponent):
+    """All LLM layers for one branch's tokens, attending to the KV cache of everything before."""
+
+    def __init__(self, branch: int):
+        self.branch = branch
+        self.name = "backbone_und" if branch == UND else "backbone_gen"
+
+    def uses(self, key):
+        other = ".gen." if self.branch == UND else ".und."
+        return key.startswith("llm.layers.") and other not in key
+
+    def inputs(self, cfg):
+        l = cfg.llm
+        kv = ("past", l.num_hidden_layers, "batch", l.num_key_value_heads, l.head_dim)
+        return [
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", l.hidden_size)),
+            TensorSpec("position_ids", "int64", ("batch", "seq")),
+            TensorSpec("attention_mask", "bool", ("batch", "seq", "total")),
+            TensorSpec("past_keys", "float32", kv),
+            TensorSpec("past_values", "float32", kv),
+        ]
+
+    def outputs(self, cfg):
+        l = cfg.llm
+        kv = ("seq", l.num_hidden_layers, "batch", l.num_key_value_heads, l.head_dim)
+        return [
+            TensorSpec("hidden_states", "float32", ("batch", "seq", l.hidden_size)),
+            TensorSpec("new_keys", "float32", kv),
+            TensorSpec("new_values", "float32", kv),
+        ]
+
+    def module(self, model):
+        return _BackboneModule(model.llm, self.branch)
+
+    def sample_inputs(self, cfg, dims, rng):
+        out = super().sample_inputs(cfg, dims, rng)
+        B, S, P = dims["batch"], dims["seq"], dims["past"]
+        # Cached keys/values at the scale real ones have (post-norm, post-RoPE: O(1) entries).
+        out["past_keys"] = rng.standard_normal(out["past_keys"].shape).astype(np.float32)
+        out["past_values"] = (0.05 * rng.standard_normal(out["past_values"].shape)).astype(np.float32)
+        out["inputs_embeds"] = (0.05 * rng.standard_normal(out["inputs_embeds"].shape)).astype(np.float32)
+        out["position_ids"] = np.broadcast_to(np.arange(P, P + S, dtype=np.int64), (B, S)).copy()
+        causal = self.branch == UND
+        inner = np.tril(np.ones((S, S), dtype=bool)) if causal else np.ones((S, S), dtype=bool)
+        mask = np.concatenate([np.ones((S, P), dtype=bool), inner], axis=1)
+        mask = np.broadcast_to(mask, (B, S, P + S)).copy()
+        if B > 1 and P > 2:
+            mask[1, :, :2] = False  # a padded row, as batched CFG prefixes of unequal length have
+        out["attention_mask"] = mask
+        return out
+
+
+class _Call(nn.Module):
+    """Wraps a closure over the model so the tracer sees a module with positional inputs."""
+
+    def __init__(self, fn, model):
+        super().__init__()
+        self.fn = fn
+        self.model = model
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+class _BackboneModule(nn.Module):
+    def __init__(self, llm, branch: int):
+        super().__init__()
+        self.llm = llm
+        self.branch = branch
+
+    def forward(self, inputs_embeds, position_ids, attention_mask, past_keys, past_values):
+        from .model.backbone import KVCache
+
+        n = self.llm.cfg.num_hidden_layers
+        # (P, L, B, Hk, hd) -> per layer (B, Hk, P, hd)
+        pk = [past_keys[:, i].permute(1, 2, 0, 3) for i in range(n)]
+        pv = [past_values[:, i].permute(1, 2, 0, 3) for i in range(n)]
+        hidden, new = self.llm(inputs_embeds, position_ids, self.branch, attention_mask, KVCache(pk, pv))
+        nk = torch.stack([k.permute(2, 0, 1, 3) for k in new.keys], dim=1)
+        nv = torch.stack([v.permute(2, 0, 1, 3) for v in new.values], dim=1)
+        return hidden, nk, nv
+
+
+def all_components(cfg: EMMAConfig) -> list[Component]:
+    return [
+        AEEncoder(), AEDecoder(), UndTrunk(), *[UndExpert(i) for i in range(cfg.vision.num_experts)],
+        UndAdapter(), GenAdapter(), EmbedTokens(), Backbone(UND), Backbone(GEN), LMHead(), GenHead(),
+    ]
+
+
+def get_component(cfg: EMMAConfig, name: str) -> Component:
+    for c in all_components(cfg):
+        if c.name == name:
+            return c
+    raise KeyError(f"unknown component {name!r}")

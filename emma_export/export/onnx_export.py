@@ -1,0 +1,93 @@
+"""Export one component to ONNX: trace, check, optimize, and check TensorRT compatibility."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from ..components import Component
+from ..config import EMMAConfig
+from .source import DTYPES
+
+OPSET = 19
+# Past this size the protobuf limit (2 GB) forces weights into an external data file.
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _torch_inputs(comp: Component, cfg: EMMAConfig, dtype: str) -> tuple[torch.Tensor, ...]:
+    rng = np.random.default_rng(0)
+    sample = comp.sample_inputs(cfg, comp.export_dims(cfg), rng)
+    out = []
+    for spec in comp.inputs(cfg):
+        t = torch.from_numpy(sample[spec.name])
+        if t.is_floating_point():
+            t = t.to(DTYPES[dtype])
+        out.append(t)
+    return tuple(out)
+
+
+def export_component(comp: Component, cfg: EMMAConfig, model, out_file: Path, dtype: str = "fp32", optimize: bool = True) -> onnx.ModelProto | None:
+    """Writes ``out_file`` (plus ``out_file.data`` for large graphs). Returns nothing large."""
+    module = comp.module(model).eval()
+    args = _torch_inputs(comp, cfg, dtype)
+    out_file = Path(out_file)
+    with tempfile.TemporaryDirectory(dir=out_file.parent) as td:
+        raw = Path(td) / "raw.onnx"
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about python ints: parity checks catch real issues
+            torch.onnx.export(
+                module,
+                args,
+                str(raw),
+                input_names=[s.name for s in comp.inputs(cfg)],
+                output_names=[s.name for s in comp.outputs(cfg)],
+                dynamic_axes=comp.dynamic_axes(cfg),
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        del module
+        size = sum(f.stat().st_size for f in Path(td).iterdir())
+        large = size > EXTERNAL_DATA_THRESHOLD
+        m = onnx.load(str(raw), load_external_data=True)
+        if optimize and not large:
+            m = _optimize(m)
+        _name_symbolic_dims(m, comp, cfg)
+        data_name = out_file.name + ".data"
+        if large:
+            onnx.save_model(m, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(m, str(out_file))
+        del m
+    onnx.checker.check_model(str(out_file), full_check=True)
+    return None
+
+
+def _optimize(m: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    # onnxslim folds constants and fuses shape chains; parity is checked after, by verify.
+    return onnxslim.slim(m)
+
+
+def _name_symbolic_dims(m: onnx.ModelProto, comp: Component, cfg: EMMAConfig) -> None:
+    """Give graph IO the component's symbolic dim names (exporters and optimizers rename them)."""
+    specs = {s.name: s for s in comp.inputs(cfg) + comp.outputs(cfg)}
+    for vi in list(m.graph.input) + list(m.graph.output):
+        spec = specs.get(vi.name)
+        if spec is None:
+            continue
+        dims = vi.type.tensor_type.shape.dim
+        for d, s in zip(dims, spec.shape):
+            if isinstance(s, str):
+                d.ClearField("dim_value")
+                d.dim_param = s
+            else:
+                d.dim_value = s

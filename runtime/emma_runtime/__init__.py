@@ -1,0 +1,1 @@
+"""emma-deploy runtime: runs an EMMA bundle on ONNX Runtime or TensorRT. Never imports torch."""

@@ -1,0 +1,97 @@
+"""ONNX Runtime backend with IOBinding: inputs and outputs are bound to existing buffers, so the
+KV cache is read and written in place instead of being copied through Python every step."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import Bundle
+
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "int32": np.int32}
+_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
+_PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OrtSession:
+    def __init__(self, path: str, providers: list[str], name: str, info, graph_optimizations: bool = True):
+        so = ort.SessionOptions()
+        # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
+        if not graph_optimizations:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
+        self.name = name
+        self.input_names = [i.name for i in self.sess.get_inputs()]
+        self.output_names = [o.name for o in self.sess.get_outputs()]
+        self.input_dtypes = {t.name: _NP[t.dtype] for t in info.inputs}
+        self.output_dtypes = {t.name: _NP[t.dtype] for t in info.outputs}
+
+    def run(self, inputs: dict[str, Any], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
+        missing = [n for n in self.input_names if n not in inputs]
+        if missing:
+            raise ValueError(f"{self.name}: missing input(s) {missing}")
+        binding = self.sess.io_binding()
+        for n in self.input_names:
+            a = inputs[n]
+            want = self.input_dtypes[n]
+            if a.dtype != want:
+                a = a.astype(want)
+            if not a.flags.c_contiguous:
+                a = np.ascontiguousarray(a)
+            binding.bind_input(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            inputs[n] = a  # keep the buffer alive until the run returns
+        outputs = outputs or {}
+        for n in self.output_names:
+            if n in outputs:
+                o = outputs[n]
+                if not o.flags.c_contiguous or o.dtype != self.output_dtypes[n]:
+                    raise ValueError(f"{self.name}: output buffer '{n}' must be a contiguous {self.output_dtypes[n].__name__} array")
+                binding.bind_output(n, "cpu", 0, o.dtype, list(o.shape), o.ctypes.data)
+            else:
+                binding.bind_output(n, "cpu")
+        self.sess.run_with_iobinding(binding)
+        result = dict(outputs)
+        for n, v in zip(self.output_names, binding.get_outputs()):
+            if n not in outputs:
+                result[n] = v.numpy()
+        return result
+
+
+class OrtBackend:
+    name = "ort"
+
+    def __init__(self, provider: str | None = None):
+        avail = ort.get_available_providers()
+        if provider:
+            full = _ALIASES.get(provider.lower(), provider)
+            if full not in avail:
+                raise ValueError(f"ONNX Runtime provider {full} is not available here (available: {', '.join(avail)})")
+            self.providers = [full] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
+        else:
+            self.providers = [p for p in _PREFERRED if p in avail]
+        # Buffers are host arrays: with a GPU provider ORT copies bound inputs per run. Device-resident
+        # caches on a GPU are the TensorRT backend's job (backends/trt.py).
+        self.device = "cpu"
+
+    def open(self, bundle: Bundle, component: str) -> OrtSession:
+        info = bundle.manifest.components[component]
+        fp8 = info.precision == "fp8"
+        return OrtSession(str(bundle.path(info.file)), self.providers, component, info, graph_optimizations=not fp8)
+
+    def empty(self, shape, dtype) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def from_host(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def to_host(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def rows(self, a: np.ndarray, start: int, stop: int) -> np.ndarray:
+        return a[start:stop]
+
+    def describe(self) -> str:
+        return f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Creates .venv with the pinned CPU torch first (a loose torch requirement would pull a multi-GB
+# CUDA build), then the project and its test/upstream extras. Idempotent: a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
+  .venv/bin/pip install -q torch==2.13.0
+fi
+if ! .venv/bin/python -c 'import emma_export, emma_runtime, onnxruntime, transformers, diffusers, skimage' 2>/dev/null; then
+  .venv/bin/pip install -q -e '.[test]'
+fi
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)'))"
