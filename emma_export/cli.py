@@ -119,5 +119,7 @@ def verify(bundle_dir, json_out, e2e, checkpoint):
     click.echo("verify: passed")
 
 
+from . import cli_upstream  # noqa: E402,F401
+
 if __name__ == "__main__":
     main()

@@ -42,8 +42,10 @@ class AutoencoderConfig:
     decoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
     upsample_block_type: str = "interpolate"
     downsample_block_type: str = "Conv"
-    decoder_norm_types: tuple[str, ...] = ("batch_norm",) * 3 + ("rms_norm",) * 3
-    decoder_act_fns: tuple[str, ...] = ("relu",) * 3 + ("silu",) * 3
+    # dc-ae-f32c32-sana-1.0-diffusers: "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu" for every
+    # stage (the batch_norm/relu early stages belong to the dc-ae-f32c32-in/mix-1.0 models)
+    decoder_norm_types: tuple[str, ...] = ("rms_norm",) * 6
+    decoder_act_fns: tuple[str, ...] = ("silu",) * 6
     encoder_out_shortcut: bool = True
     decoder_in_shortcut: bool = True
     decoder_conv_act_fn: str = "relu"

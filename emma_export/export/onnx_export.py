@@ -14,6 +14,7 @@ import torch
 from ..components import Component
 from ..config import EMMAConfig
 from .source import DTYPES
+from .trt_ops import assert_supported
 
 OPSET = 19
 # Past this size the protobuf limit (2 GB) forces weights into an external data file.
@@ -67,6 +68,8 @@ def export_component(comp: Component, cfg: EMMAConfig, model, out_file: Path, dt
             onnx.save_model(m, str(out_file))
         del m
     onnx.checker.check_model(str(out_file), full_check=True)
+    # Reject what TensorRT's parser cannot take now, naming the node, not at engine-build time.
+    assert_supported(onnx.load(str(out_file), load_external_data=False), comp.name)
     return None
 
 

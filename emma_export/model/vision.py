@@ -146,6 +146,30 @@ class VisionEncoderLayer(nn.Module):
 # ---- trunk ----------------------------------------------------------------------------------------
 
 
+def bicubic_matrix(out_size: Any, in_size: int, device=None) -> Tensor:
+    """(out_size, in_size) matrix M with M @ x equal to PyTorch's 1-D bicubic resize of x
+    (align_corners=False, A = -0.75, edge taps clamped), built from elementwise ops only."""
+    a = -0.75
+    dst = torch.arange(out_size, dtype=torch.float32, device=device)
+    # The output size as a tensor derived from dst, so a traced graph keeps it symbolic.
+    scale = in_size / (dst.max() + 1.0)
+    src = (dst + 0.5) * scale - 0.5
+    base = torch.floor(src)
+    t = src - base
+    cols = torch.arange(in_size, dtype=torch.float32, device=device)
+    m = torch.zeros_like(src)[:, None] * cols[None]
+    for k in range(-1, 3):
+        d = torch.abs(t - k)  # distance of tap k from the sample point
+        w = torch.where(
+            d <= 1,
+            ((a + 2) * d - (a + 3)) * d * d + 1,
+            ((a * d - 5 * a) * d + 8 * a) * d - 4 * a,
+        )
+        idx = torch.clamp(base + k, 0, in_size - 1)
+        m = m + w[:, None] * (idx[:, None] == cols[None]).to(w.dtype)
+    return m
+
+
 class VisionEmbeddings(nn.Module):
     """Patch embedding plus position embeddings resized (bicubic, align_corners=False) to the input grid."""
 
@@ -161,16 +185,20 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = nn.Embedding(self.native_grid**2, cfg.hidden_size)
 
     def positions(self, h: Any, w: Any) -> Tensor:
-        """Position table for an h x w patch grid, channels-first (1, C, h, w).
+        """Position table for an h x w patch grid, channels-first (1, C, h, w): the native table
+        resized bicubically (align_corners=False, as SigLIP's ``interpolate_pos_encoding``).
 
-        ``h`` and ``w`` should come straight from a tensor shape so that tracing keeps them symbolic.
-        Resizing to the native grid is an exact identity (PyTorch copies; the ONNX cubic kernel has
-        weights (0, 1, 0, 0) at zero offset).
+        The resize is written as two interpolation matrices (``Ry @ table @ Rx^T``) instead of a
+        cubic Resize op, which TensorRT's ONNX parser does not accept; ``h``/``w`` come from a
+        tensor shape so one traced graph serves every grid.
         """
         n = self.native_grid
         table = self.position_embedding.weight  # (n*n, C), row-major over the native grid
-        table = table.reshape(1, n, n, table.shape[-1]).permute(0, 3, 1, 2)
-        return F.interpolate(table, size=(h, w), mode="bicubic", align_corners=False)
+        table = table.reshape(n, n, table.shape[-1]).permute(2, 0, 1)  # (C, n, n)
+        ry = bicubic_matrix(h, n, table.device)  # (h, n)
+        rx = bicubic_matrix(w, n, table.device)  # (w, n)
+        out = torch.matmul(torch.matmul(ry[None], table), rx.t()[None])  # (C, h, w)
+        return out[None]
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> channels-last grid (B, H/patch, W/patch, C)."""

@@ -1,0 +1,168 @@
+"""The shapes world (issue #10): generator determinism, splits, rendering, edits, detector ceiling."""
+
+import numpy as np
+import pytest
+
+from emma_export.shapes import world
+from emma_export.shapes.detector import add_noise, detect, detector_ceiling, scene_matches
+from emma_export.shapes.world import HELDOUT_PAIRS, PALETTE, BACKGROUNDS, Scene, Shape
+
+
+def _texts(ex):
+    return (
+        ex.caption,
+        ex.caption_detailed,
+        [(q.question, q.answer) for q in ex.qas],
+        [(e.instruction, e.target_scene) for e in ex.edits],
+    )
+
+
+@pytest.mark.parametrize("split", world.SPLITS)
+def test_same_seed_same_dataset(split):
+    a = world.dataset(split, 20, seed=3)
+    b = world.dataset(split, 20, seed=3)
+    for x, y in zip(a, b):
+        assert x.scene == y.scene
+        assert np.array_equal(x.image, y.image)
+        assert _texts(x) == _texts(y)
+    # example i depends on (seed, split, i) only
+    c = world.dataset(split, 5, seed=3)
+    assert [x.scene for x in c] == [x.scene for x in a[:5]]
+
+
+def test_different_seed_or_split_differs():
+    a = world.dataset("train", 20, seed=0)
+    b = world.dataset("train", 20, seed=1)
+    v = world.dataset("val", 20, seed=0)
+    assert any(not np.array_equal(x.image, y.image) for x, y in zip(a, b))
+    assert [x.caption for x in a] != [x.caption for x in b]
+    assert [x.scene for x in a] != [x.scene for x in v]
+
+
+def test_heldout_pairs_only_in_heldout():
+    seen = {}
+    for split in world.SPLITS:
+        exs = world.dataset(split, 300, seed=0)
+        scenes = [e.scene for e in exs]
+        targets = [p.target_scene for e in exs for p in e.edits]
+        seen[split] = world.iter_pairs(scenes), world.iter_pairs(targets)
+        if split != "heldout":
+            texts = " | ".join(
+                [e.caption for e in exs]
+                + [q.question for e in exs for q in e.qas]
+                + [p.instruction for e in exs for p in e.edits]
+            )
+            for c, k in HELDOUT_PAIRS:
+                assert f"{c} {k}" not in texts
+    for split in ("train", "val"):
+        assert not (seen[split][0] | seen[split][1]) & HELDOUT_PAIRS
+    assert HELDOUT_PAIRS <= seen["heldout"][0]
+    for e in world.dataset("heldout", 50, seed=0):
+        assert world.iter_pairs([e.scene]) & HELDOUT_PAIRS
+    # every non-held-out pair shows up in training
+    all_pairs = {(c, k) for c in world.COLOURS for k in world.KINDS}
+    assert seen["train"][0] == all_pairs - HELDOUT_PAIRS
+
+
+@pytest.mark.parametrize("size", [(64, 64), (128, 96), (96, 128), (32, 64)])
+def test_rendering_sizes_and_flat_colours(size):
+    w, h = size
+    for i in range(20):
+        sc = world.sample_scene(np.random.default_rng(i), "train", w, h, background="gray")
+        img = world.render(sc)
+        assert img.shape == (h, w, 3) and img.dtype == np.uint8
+        allowed = {BACKGROUNDS["gray"]} | {PALETTE[s.colour] for s in sc.shapes}
+        got = {tuple(int(v) for v in px) for px in np.unique(img.reshape(-1, 3), axis=0)}
+        assert got == allowed  # no antialiasing: only the palette colours in the scene
+        dets = detect(img)
+        assert scene_matches(dets, sc, with_size=True)["all"]
+    with pytest.raises(ValueError):
+        world.render(Scene((), 60, 64))
+
+
+def test_caption_and_questions():
+    sc = Scene(
+        (Shape("circle", "red", "small", 16, 32), Shape("square", "blue", "large", 48, 32)), 64, 64
+    )
+    assert world.caption(sc) == "a red circle left of a blue square"
+    assert world.caption(sc, detailed=True) == "a small red circle left of a large blue square"
+    qa = {q.question: q.answer for q in world.questions(sc)}
+    assert qa["how many shapes are there?"] == "two"
+    assert qa["what colour is the circle?"] == "red"
+    assert qa["what shape is blue?"] == "square"
+    assert qa["where is the square?"] == "right"
+    presence = [(q.question, q.answer) for q in world.questions(sc) if q.qtype == "presence"]
+    assert len(presence) == 2 and presence[0][1] == "yes" and presence[1][1] == "no"
+    assert presence[0][0] in ("is there a red circle?", "is there a blue square?")
+    assert presence[1][0] not in ("is there a red circle?", "is there a blue square?")
+    one = Scene((Shape("triangle", "green", "large", 32, 16),), 64, 64)
+    assert world.caption(one) == "a green triangle"
+    assert world.caption(one, detailed=True) == "a large green triangle at the top"
+    assert {q.question: q.answer for q in world.questions(one)}["where is the triangle?"] == "top"
+    for s in (sc, one):
+        for detailed in (False, True):
+            specs = world.parse_caption(world.caption(s, detailed))
+            assert [(p.colour, p.kind) for p in specs] == [(x.colour, x.kind) for x in s.shapes]
+    for ex in world.dataset("train", 30, seed=5):
+        assert all(len(q.answer.split()) == 1 for q in ex.qas)
+
+
+def test_edits_keep_untouched_shapes():
+    ops = set()
+    for ex in world.dataset("train", 60, seed=2):
+        src = ex.image
+        for pair in ex.edits:
+            ops.add(pair.op)
+            tgt_scene = pair.target_scene
+            world.validate(tgt_scene)
+            tgt = world.render(tgt_scene)
+            assert tgt.shape == src.shape
+            kept = set(ex.scene.shapes) & set(tgt_scene.shapes)
+            changed = (set(ex.scene.shapes) | set(tgt_scene.shapes)) - kept
+            assert changed  # every edit changes something
+            diff = np.any(src != tgt, axis=-1)
+            allowed = np.zeros_like(diff)
+            for s in changed:
+                x0, y0, x1, y1 = world.shape_box(s, tgt_scene.width, tgt_scene.height)
+                allowed[y0 : y1 + 1, x0 : x1 + 1] = True
+            assert not (diff & ~allowed).any()
+            for s in kept:  # untouched shapes are pixel-identical
+                x0, y0, x1, y1 = world.shape_box(s, tgt_scene.width, tgt_scene.height)
+                assert np.array_equal(src[y0 : y1 + 1, x0 : x1 + 1], tgt[y0 : y1 + 1, x0 : x1 + 1])
+            # the detector sees the edit's target as described
+            assert scene_matches(detect(tgt), tgt_scene)["all"]
+    assert {"recolour", "remove", "move", "resize", "add"} <= ops
+
+
+def test_scene_matches_flags_errors():
+    sc = Scene(
+        (Shape("circle", "red", "small", 16, 32), Shape("square", "blue", "large", 48, 32)), 64, 64
+    )
+    img = world.render(sc)
+    assert scene_matches(detect(img), "a red circle left of a blue square")["all"]
+    r = scene_matches(detect(img), "a red circle right of a blue square")
+    assert r["colour"] and r["shape"] and not r["position"] and not r["all"]
+    r = scene_matches(detect(img), "a green circle left of a blue square")
+    assert not r["colour"] and r["shape"] and r["position"] and not r["all"]
+    r = scene_matches(detect(img), "a red triangle left of a blue square")
+    assert r["colour"] and not r["shape"] and not r["all"]
+    r = scene_matches(detect(img), "a red circle")
+    assert not r["count"] and not r["all"]
+    blank = np.zeros_like(img)
+    assert detect(blank) == []
+
+
+def test_detector_ceiling_clean_and_noisy():
+    clean = detector_ceiling(100, seed=0)
+    noisy = detector_ceiling(100, seed=0, noise_sigma=8.0)
+    assert clean["all"] >= 0.98
+    assert noisy["all"] >= 0.9
+    # a non-square size and a gray background
+    assert detector_ceiling(40, seed=1, width=128, height=96, background="gray", noise_sigma=8.0)["all"] >= 0.9
+
+
+def test_add_noise_is_seeded():
+    img = world.render(world.sample_scene(np.random.default_rng(0)))
+    a = add_noise(img, 8.0, np.random.default_rng(1))
+    b = add_noise(img, 8.0, np.random.default_rng(1))
+    assert np.array_equal(a, b) and not np.array_equal(a, img)
