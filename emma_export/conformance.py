@@ -34,6 +34,7 @@ __all__ = [
     "compare_text",
     "compare_vision",
     "compare_autoencoder",
+    "compare_ae",
     "check_model",
     "run_conformance",
 ]
@@ -198,15 +199,20 @@ def compare_vision(model, siglip, expert: int = 0, seed: int = 1) -> list[Confor
 @torch.no_grad()
 def compare_autoencoder(model, dcae, seed: int = 2) -> list[ConformanceRow]:
     """EMMA's scaled encode/decode against AutoencoderDC with its own scaling_factor."""
-    cell = model.cfg.cell
+    return compare_ae(model.ae, dcae, model.cfg.cell, seed)
+
+
+@torch.no_grad()
+def compare_ae(ae, dcae, cell: int, seed: int = 2) -> list[ConformanceRow]:
+    """``ae`` (EMMA's Autoencoder) against ``dcae`` on a square and a non-square image of 2x2 and 2x3 cells."""
     s = float(dcae.config.scaling_factor)
     rows = []
     for suffix, (h, w) in (("", (2 * cell, 2 * cell)), ("_nonsquare", (2 * cell, 3 * cell))):
         x = _pixels(1, h, w, seed)
         ref_latent = dcae.encode(x).latent
-        rows.append(compare(f"ae_encode{suffix}", model.ae.encode(x), ref_latent * s))
+        rows.append(compare(f"ae_encode{suffix}", ae.encode(x), ref_latent * s))
         z = ref_latent * s  # decode the upstream's own (scaled) latent
-        rows.append(compare(f"ae_decode{suffix}", model.ae.decode(z), dcae.decode(z / s).sample))
+        rows.append(compare(f"ae_decode{suffix}", ae.decode(z), dcae.decode(z / s).sample))
     return rows
 
 

@@ -55,6 +55,16 @@ def _script():
     return mod
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # The models here are tiny: one intra-op thread is several times faster than two on a busy
+    # 2-core machine (thread hand-offs dominate). Restored for the other test modules.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory):
     pytest.importorskip("transformers")
@@ -149,6 +159,57 @@ def test_perturbed_weight_fails(upstream, upstream_models):
             p.view(-1)[:4] -= 0.1
         assert set(rep.failures) == must_fail, (name, rep.failures)
     assert check_model(model, upstream_models).passed
+
+
+def test_dcae_layout_of_emma_4b_conforms():
+    """The tiny config's autoencoder has ResBlocks only; emma-4b's DC-AE f32c32 also has EfficientViT
+    (multiscale linear attention) stages, a Conv downsample and an interpolating upsample. Same block
+    types and options at tiny widths (plus batch-norm stages, as in the f32c32-in/mix models), loaded
+    through the key map, against AutoencoderDC."""
+    import dataclasses
+
+    diffusers = pytest.importorskip("diffusers")
+    from emma_export.conformance import compare_ae
+    from emma_export.model.autoencoder import Autoencoder
+    from emma_export.weights.keymap import map_dcae_key
+
+    ref4b = get_config("emma-4b").ae
+    cfg = dataclasses.replace(
+        ref4b,
+        latent_channels=8,
+        attention_head_dim=8,
+        encoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+        decoder_block_out_channels=(8, 16, 16, 32, 32, 32),
+        encoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1, 2),
+        decoder_norm_types=("batch_norm",) * 2 + ("rms_norm",) * 4,
+        decoder_act_fns=("relu",) * 2 + ("silu",) * 4,
+    )
+    assert (cfg.encoder_block_types, cfg.upsample_block_type, cfg.downsample_block_type) == (
+        ref4b.encoder_block_types, "interpolate", "Conv")
+    dc = diffusers.AutoencoderDC(**{k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg).items()}).eval()
+    _script()._scale_weights(dc, seed=5)
+    g = torch.Generator().manual_seed(6)
+    with torch.no_grad():
+        for name, b in dc.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("running_var"):
+                b.copy_(0.5 + torch.rand(b.shape, generator=g))
+    ae = Autoencoder(cfg).eval()
+    sd = {}
+    for k, v in dc.state_dict().items():
+        (target,) = map_dcae_key(k)
+        sd[target[len("ae."):]] = v
+    ae.load_state_dict(sd, strict=True)
+    rows = compare_ae(ae, dc, 32)
+    for r in rows:
+        print(f"{r.component:22s} max_abs={r.max_abs:.3g} rel_l2={r.rel_l2:.3g} tol={r.tolerance:.3g} {r.passed}")
+    assert all(r.passed for r in rows), rows
+    attn = next(k for k in sd if k.startswith("encoder.") and ".attn." in k and k.endswith("weight"))
+    with torch.no_grad():
+        ae.encoder.get_parameter(attn[len("encoder."):]).view(-1)[:4] += 0.1
+    assert {r.component for r in compare_ae(ae, dc, 32) if not r.passed} == {"ae_encode", "ae_encode_nonsquare"}
 
 
 # ---- init -----------------------------------------------------------------------------------------
@@ -567,3 +628,24 @@ def test_cli_init_and_conformance(upstream, tmp_path):
 
     res = r.invoke(main, ["init", *up, "--config", "small", "--out", str(tmp_path / "ck2")])
     assert res.exit_code == 2 and "ae.latent_channels" in res.output
+
+
+def test_init_checkpoint_exports_and_runs(checkpoint, tmp_path):
+    """`emma-export export` takes the init checkpoint (and its tokenizer.json) and the runtime runs the bundle."""
+    pytest.importorskip("onnxruntime")
+    import numpy as np
+    from click.testing import CliRunner
+
+    from emma_export.cli import main
+    from emma_runtime.pipelines import Pipeline
+
+    out, _ = checkpoint
+    res = CliRunner().invoke(main, ["export", "--checkpoint", str(out), "--out", str(tmp_path / "bundle"), "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "bundle" / "tokenizer.json").read_bytes() == (out / "tokenizer.json").read_bytes()
+    p = Pipeline.load(tmp_path / "bundle")
+    image = np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 96)).astype(np.float32)
+    u = p.understand(image, "what is this?", max_new_tokens=3)
+    assert len(u.token_ids) == 3
+    g = p.generate("a cat", height=64, width=64, steps=2)
+    assert g is not None

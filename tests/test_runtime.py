@@ -69,7 +69,7 @@ def test_decode_writes_into_the_preallocated_cache(tiny_bundle):
     from emma_runtime.kv_cache import KVCache
 
     p = Pipeline.load(tiny_bundle)
-    cache = KVCache.allocate(p.backend, p.dims, 1, 16)
+    cache = KVCache.allocate(p.backend, p.dims, 1, 16, p.kv_dtype)
     cache.keys[:] = 0
     buf = cache.keys
     p.run_chunk(cache, p.embed([1, 2, 3]), "und", True)

@@ -43,7 +43,8 @@ class TimestepEmbedding(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         """t (B,) in [0, 1] (1 = pure noise) -> (B, hidden)."""
-        return self.linear_2(self.act(self.linear_1(sinusoidal_embedding(t * self.scale, self.freq_dim))))
+        emb = sinusoidal_embedding(t * self.scale, self.freq_dim).to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(emb)))
 
 
 class GenAdapter(nn.Module):

@@ -197,8 +197,8 @@ class VisionEmbeddings(nn.Module):
         table = table.reshape(n, n, table.shape[-1]).permute(2, 0, 1)  # (C, n, n)
         ry = bicubic_matrix(h, n, table.device)  # (h, n)
         rx = bicubic_matrix(w, n, table.device)  # (w, n)
-        out = torch.matmul(torch.matmul(ry[None], table), rx.t()[None])  # (C, h, w)
-        return out[None]
+        out = torch.matmul(torch.matmul(ry[None], table.float()), rx.t()[None])  # (C, h, w), fp32
+        return out[None].to(table.dtype)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         """(B, 3, H, W) -> channels-last grid (B, H/patch, W/patch, C)."""

@@ -77,6 +77,9 @@ class Pipeline:
         self.tokenizer = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer[0])))
         self.special = SpecialIds.from_tokenizer(self.tokenizer)
         self._sessions: dict[str, object] = {}
+        # The cache holds what the backbone graphs emit (fp32, or fp16 for a half-precision bundle).
+        kv = next(t for t in bundle.manifest.components["backbone_und"].outputs if t.name == "new_keys")
+        self.kv_dtype = np.dtype(kv.dtype)
 
     @classmethod
     def load(cls, path: str | Path, backend: str = "ort", provider: str | None = None, quiet: bool = True, cfg_mode: str = "batch") -> "Pipeline":
@@ -165,7 +168,7 @@ class Pipeline:
         total = sum(e.shape[1] for e, _, _ in embedded) + extra
         if total > self.dims.max_context:
             raise RequestError(f"request needs {total} positions, more than the model's context of {self.dims.max_context}")
-        cache = KVCache.allocate(self.backend, self.dims, 1, total)
+        cache = KVCache.allocate(self.backend, self.dims, 1, total, self.kv_dtype)
         hidden = None
         for e, branch, causal in embedded:
             hidden = self.run_chunk(cache, e, branch, causal)
