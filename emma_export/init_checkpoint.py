@@ -183,7 +183,24 @@ def _check_tokenizer(path: Path, cfg: EMMAConfig) -> list[str]:
         tok, i = max(ids.items(), key=lambda kv: kv[1])
         raise UpstreamError(f"{path}: token {tok!r} has id {i}, outside the vocabulary of {cfg.llm.vocab_size}")
     missing = [t for t in SPECIAL_TOKENS if t not in ids]
-    return [f"tokenizer.json lacks EMMA special token {t}" for t in missing]
+    return [f"tokenizer.json lacks EMMA special token {t}: added to the checkpoint's copy" for t in missing]
+
+
+def _write_tokenizer(src: Path, dst: Path, cfg: EMMAConfig) -> None:
+    """Copy the LLM's tokenizer, adding EMMA's special tokens it lacks (Qwen3 has no <|pad|> or
+    <|assistant|>): they take the next free ids, which the embedding (vocab_size rows) must cover."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(src))
+    missing = [t for t in SPECIAL_TOKENS if tok.token_to_id(t) is None]
+    if missing:
+        tok.add_special_tokens(missing)
+        top = max(tok.token_to_id(t) for t in missing)
+        if top >= cfg.llm.vocab_size:
+            raise UpstreamError(f"{src}: adding {missing} needs id {top}, outside the vocabulary of {cfg.llm.vocab_size}")
+        tok.save(str(dst))
+    else:
+        shutil.copyfile(src, dst)
 
 
 def _stream(
@@ -269,7 +286,7 @@ def init_checkpoint(
                 mark = (writer.written // step + 1) * step
         writer.close()
         (tmp / "config.json").write_text(cfg.to_json())
-        shutil.copyfile(tok, tmp / "tokenizer.json")
+        _write_tokenizer(tok, tmp / "tokenizer.json", cfg)
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)

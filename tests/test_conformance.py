@@ -648,4 +648,4 @@ def test_init_checkpoint_exports_and_runs(checkpoint, tmp_path):
     u = p.understand(image, "what is this?", max_new_tokens=3)
     assert len(u.token_ids) == 3
     g = p.generate("a cat", height=64, width=64, steps=2)
-    assert g is not None
+    assert g.image.shape == (1, 3, 64, 64) and np.isfinite(g.image).all()

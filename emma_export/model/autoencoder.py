@@ -297,24 +297,37 @@ _TUPLE_FIELDS = (
 )
 
 
+# diffusers' own constructor defaults: a config.json that omits a field means these values.
+_DIFFUSERS_DEFAULTS = {
+    "in_channels": 3, "latent_channels": 32, "attention_head_dim": 32,
+    "encoder_block_types": "ResBlock", "decoder_block_types": "ResBlock",
+    "encoder_block_out_channels": (128, 256, 512, 512, 1024, 1024),
+    "decoder_block_out_channels": (128, 256, 512, 512, 1024, 1024),
+    "encoder_layers_per_block": (2, 2, 2, 3, 3, 3), "decoder_layers_per_block": (3, 3, 3, 3, 3, 3),
+    "encoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)), "decoder_qkv_multiscales": ((), (), (), (5,), (5,), (5,)),
+    "upsample_block_type": "pixel_shuffle", "downsample_block_type": "pixel_unshuffle",
+    "decoder_norm_types": "rms_norm", "decoder_act_fns": "silu", "encoder_out_shortcut": True,
+    "decoder_in_shortcut": True, "decoder_conv_act_fn": "relu", "scaling_factor": 1.0,
+}
+
+
 def autoencoder_config_from_diffusers(dc: dict) -> AutoencoderConfig:
     """A diffusers ``AutoencoderDC`` config.json dict -> our config (per-stage tuples everywhere)."""
     import dataclasses
 
     names = {f.name for f in dataclasses.fields(AutoencoderConfig)}
-    base = AutoencoderConfig()
     kw = {}
-    n = len(dc.get("encoder_block_out_channels", base.encoder_block_out_channels))
+    n = len(dc.get("encoder_block_out_channels", _DIFFUSERS_DEFAULTS["encoder_block_out_channels"]))
     for k in names:
-        v = dc.get(k, getattr(base, k))
+        v = dc.get(k, _DIFFUSERS_DEFAULTS[k])
         if k in _TUPLE_FIELDS:
             v = (v,) * n if isinstance(v, str) else tuple(v)
         elif k.endswith("qkv_multiscales"):
             v = tuple(tuple(x) for x in v)
         kw[k] = v
-    for k, allowed in (("upsample_block_type", ("pixel_shuffle", "interpolate")), ("downsample_block_type", ("pixel_unshuffle", "Conv", "conv"))):
-        if kw[k] not in allowed:
-            raise ValueError(f"autoencoder config: unsupported {k}={kw[k]!r}")
+    # diffusers only tests for "pixel_unshuffle" / "interpolate": anything else is the other kind.
+    kw["downsample_block_type"] = "pixel_unshuffle" if kw["downsample_block_type"] == "pixel_unshuffle" else "Conv"
+    kw["upsample_block_type"] = "interpolate" if kw["upsample_block_type"] == "interpolate" else "pixel_shuffle"
     for t in kw["encoder_block_types"] + kw["decoder_block_types"]:
         if t not in ("ResBlock", "EfficientViTBlock"):
             raise ValueError(f"autoencoder config: unsupported block type {t!r}")
