@@ -4,13 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# This machine's pip config lists package folders that may be absent; their warnings are noise.
+quiet_pip() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
-  .venv/bin/pip install -q torch==2.13.0
+  quiet_pip .venv/bin/pip install -q torch==2.13.0
 fi
 if ! .venv/bin/python -c 'import emma_export, emma_runtime, onnxruntime, transformers, diffusers, skimage' 2>/dev/null; then
-  .venv/bin/pip install -q -e '.[test]'
+  quiet_pip .venv/bin/pip install -q -e '.[test]'
 fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)'))"

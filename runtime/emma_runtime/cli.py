@@ -65,7 +65,8 @@ def understand(bundle, backend, provider, seed, as_json, quiet, image, prompt, m
         click.echo(json.dumps({"text": r.text, "token_ids": r.token_ids, "expert": r.expert,
                                "visual_tokens": r.visual_tokens, "timings": r.timings}))
     else:
-        click.echo(r.text)
+        # repr when the answer has no printable text (e.g. a random-weight model's bytes).
+        click.echo(r.text if r.text.strip() and r.text.isprintable() else f"{r.text!r} (token ids {r.token_ids})")
 
 
 @main.command()
