@@ -12,7 +12,11 @@ fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   quiet_pip .venv/bin/pip install -q torch==2.13.0
 fi
-if ! .venv/bin/python -c 'import emma_export, emma_runtime, onnxruntime, transformers, diffusers, skimage' 2>/dev/null; then
+# Reinstall the project whenever pyproject.toml changed since the last set-up.
+stamp=.venv/.emma-deploy-deps
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   quiet_pip .venv/bin/pip install -q -e '.[test]'
+  echo "$want" > "$stamp"
 fi
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch, onnxruntime; print("torch", torch.__version__, "| onnxruntime", onnxruntime.__version__)'))"
