@@ -92,25 +92,37 @@ class Attention(nn.Module):
         q = self.q_norm(self.q_proj(x, branch).view(B, S, nq, hd), branch).transpose(1, 2)
         q = apply_rope(q, cos, sin)
         k_new, v_new = self.project_kv(x, branch, cos, sin)
-        k = k_new if past_k is None else torch.cat([past_k, k_new], dim=2)
-        v = v_new if past_v is None else torch.cat([past_v, v_new], dim=2)
-        out = attention(q, k, v, allow, nq // nk)
+        ks = [k_new] if past_k is None else [past_k, k_new]
+        vs = [v_new] if past_v is None else [past_v, v_new]
+        out = attention(q, ks, vs, allow, nq // nk)
         out = out.transpose(1, 2).reshape(B, S, nq * hd)
         return self.o_proj(out, branch), k_new, v_new
 
 
-def attention(q, k, v, allow, groups: int) -> torch.Tensor:
-    """Joint GQA attention; softmax in fp32. q (B,Hq,S,hd), k/v (B,Hk,T,hd), allow (B,S,T)."""
-    if groups > 1:
-        B, Hk, T, hd = k.shape
-        k = k[:, :, None].expand(B, Hk, groups, T, hd).reshape(B, Hk * groups, T, hd)
-        v = v[:, :, None].expand(B, Hk, groups, T, hd).reshape(B, Hk * groups, T, hd)
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    # A large finite negative rather than -inf: rows stay finite after a cast to fp16.
-    scores = scores.masked_fill(~allow[:, None], -1e9)
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
-    return torch.matmul(probs, v)
+def attention(q, ks: list[torch.Tensor], vs: list[torch.Tensor], allow, groups: int) -> torch.Tensor:
+    """Joint GQA attention over keys/values given in parts (cached prefix, new chunk).
 
+    q (B,Hq,S,hd); each k/v part (B,Hk,T_i,hd); allow (B,S,sum T_i). The query heads that share a KV
+    head are folded into the query length, so K/V are never repeated per head, and the parts are
+    never concatenated: only the (small) score matrix is. Both keep a decode step's memory traffic
+    at one read of the cache. Softmax in fp32.
+    """
+    B, Hq, S, hd = q.shape
+    Hk = Hq // groups
+    qg = q.reshape(B, Hk, groups * S, hd).float()
+    scores = torch.cat([torch.matmul(qg, k.float().transpose(-1, -2)) for k in ks], dim=-1) * (hd**-0.5)
+    T = scores.shape[-1]
+    # A large finite negative rather than -inf: rows stay finite after a cast to fp16.
+    scores = scores.view(B, Hk, groups, S, T).masked_fill(~allow[:, None, None], -1e9).view(B, Hk, groups * S, T)
+    probs = torch.softmax(scores, dim=-1)
+    out = None
+    start = 0
+    for v in vs:
+        n = v.shape[2]
+        part = torch.matmul(probs[..., start : start + n].to(v.dtype), v)
+        out = part if out is None else out + part
+        start = start + n
+    return out.reshape(B, Hk, groups, S, hd).reshape(B, Hq, S, hd)
 
 
 class DecoderLayer(nn.Module):
