@@ -4,6 +4,8 @@ The prefix of every request (prompt, images) runs as ONE forward pass over the m
 the EMMA mask rule; decoding and denoising then reuse its KV cache. The runtime instead runs the
 prefix chunk by chunk through the per-branch graphs, so the two sides check each other.
 Initial noise is an explicit input, so another implementation can be fed identical noise.
+The protocol pieces (sequence layout, token sampling rule, timestep schedule) come from the runtime
+package, so both sides follow one definition; all tensor math here is the reference's own.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import numpy as np
 import torch
 
 from emma_runtime import template
+from emma_runtime.sampling import sample_token, timesteps
 from emma_runtime.template import Image, SpecialIds, Text
 
 from .backbone import GEN, UND, KVCache, chunk_mask, full_mask
@@ -86,22 +89,6 @@ def run_prefix(model: EMMA, segments, images: dict[str, torch.Tensor], bidirecti
     return Prefix(cache, S, hidden[:, -1], visual), chosen
 
 
-def _sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
-    """Greedy at temperature 0; else top-p sampling by inverse CDF of one uniform draw.
-    The runtime implements the same rule, so a shared seed gives the same tokens."""
-    if temperature <= 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
-    p /= p.sum()
-    order = np.argsort(-p, kind="stable")
-    ps = p[order]
-    keep = (np.cumsum(ps) - ps) < top_p
-    ps = ps[keep] / ps[keep].sum()
-    idx = int(np.searchsorted(np.cumsum(ps), rng.random(), side="right"))
-    return int(order[min(idx, len(ps) - 1)])
-
-
 @torch.no_grad()
 def understand(
     model: EMMA,
@@ -122,7 +109,7 @@ def understand(
     logits = model.lm_head(prefix.last_hidden)[0].numpy()
     out: list[int] = []
     for _ in range(max_new_tokens):
-        tok = _sample(logits, temperature, top_p, rng)
+        tok = sample_token(logits, temperature, top_p, rng)
         if tok == sp.im_end:
             break
         out.append(tok)
@@ -133,12 +120,6 @@ def understand(
         pos += 1
         logits = model.lm_head(hidden[:, -1])[0].numpy()
     return UnderstandResult(tokenizer.decode(out), out, chosen, prefix.visual_tokens)
-
-
-def timesteps(steps: int, shift: float) -> np.ndarray:
-    """t from 1 (noise) to 0 (image), shifted towards the noisy end: t' = s t / (1 + (s - 1) t)."""
-    t = np.linspace(1.0, 0.0, steps + 1)
-    return shift * t / (1.0 + (shift - 1.0) * t)
 
 
 @torch.no_grad()
