@@ -106,6 +106,11 @@ def verify(bundle_dir, json_out, e2e, checkpoint):
     for name, r in rep.components.items():
         t.add_row(name, f"{r.max_abs:.3g}", f"{r.rel_l2:.3g}", f"{r.tolerance:g}", "yes" if r.passed else "[red]NO")
     Console().print(t)
+    if rep.trt_parse:
+        ok = sum(v == "ok" for v in rep.trt_parse.values())
+        click.echo(f"TensorRT parser ({rep.trt_parser}): {ok}/{len(rep.trt_parse)} graphs parse")
+    else:
+        click.echo(f"TensorRT parser: {rep.trt_parser}")
     for name, p in rep.pipelines.items():
         click.echo(f"pipeline {name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "reason") + ("" if p["passed"] else f"  FAILED: {p['reason']}"))
     if json_out:
@@ -120,6 +125,9 @@ def verify(bundle_dir, json_out, e2e, checkpoint):
 
 
 from . import cli_upstream  # noqa: E402,F401
+from . import cli_build  # noqa: E402,F401
+from . import cli_shapes  # noqa: E402,F401
+from . import cli_quant  # noqa: E402,F401
 
 if __name__ == "__main__":
     main()

@@ -321,7 +321,59 @@ def _emma_4b() -> EMMAConfig:
     )
 
 
-CONFIGS = {"tiny": _tiny, "small": _small, "emma-4b": _emma_4b}
+def _shapes() -> EMMAConfig:
+    # The shapes world (issue #10): trained from scratch on 2 CPU cores in ~15 min, fp16 checkpoint < 8 MB.
+    # 64x64 images -> 2x2 = 4 tokens per image. scaling_factor is 1/std of the trained encoder's latents
+    # (``emma-export train-shapes`` measures it and stores it in the checkpoint's config).
+    return EMMAConfig(
+        name="shapes",
+        ae=AutoencoderConfig(
+            latent_channels=16,
+            attention_head_dim=16,
+            encoder_block_types=("ResBlock",) * 6,
+            decoder_block_types=("ResBlock",) * 6,
+            encoder_block_out_channels=(16, 32, 64, 64, 128, 128),
+            decoder_block_out_channels=(16, 32, 64, 64, 128, 128),
+            encoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+            decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+            encoder_qkv_multiscales=((),) * 6,
+            decoder_qkv_multiscales=((),) * 6,
+            upsample_block_type="interpolate",
+            downsample_block_type="pixel_unshuffle",
+            decoder_norm_types=("rms_norm",) * 6,
+            decoder_act_fns=("silu",) * 6,
+            scaling_factor=1.0,
+        ),
+        vision=VisionConfig(
+            hidden_size=64,
+            intermediate_size=256,
+            num_attention_heads=2,
+            image_size=64,
+            trunk_layers=2,
+            expert_layers=1,
+            router_hidden=64,
+        ),
+        llm=LLMConfig(
+            hidden_size=128,
+            intermediate_size=384,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            shared_layers=2,
+            decoupled_layers=2,
+            vocab_size=512,
+            rope_theta=10_000.0,
+            max_position_embeddings=512,
+        ),
+        sampler=SamplerConfig(steps=16, shift=1.0, cfg=2.0, cfg_text=2.0, cfg_image=1.5),
+        adapter_hidden=128,
+        timestep_freq_dim=64,
+        image_size=64,
+        max_context=256,
+    )
+
+
+CONFIGS = {"tiny": _tiny, "small": _small, "emma-4b": _emma_4b, "shapes": _shapes}
 
 
 def get_config(name: str) -> EMMAConfig:

@@ -1,0 +1,121 @@
+"""Quantization and half-precision conversion of an exported fp32 bundle, component by component,
+following the precision policy (``policy.py``), with calibration feeds captured from the reference
+pipelines on real data (``calibrate.py``).
+
+``quantize_bundle`` rewrites the graphs of a bundle folder IN PLACE and then its manifest (through
+the ``Manifest`` type: new sha256s, graph IO, per-component precision, the precision policy). The
+build (``emma_export/build.py``) calls it on a temporary folder that is renamed into place at the
+end, so a failure leaves nothing that looks like a bundle.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from .policy import PRECISIONS, QUANTIZED, Plan, gemm_ops, plan
+
+Feed = dict[str, np.ndarray]
+
+__all__ = ["PRECISIONS", "QUANTIZED", "Plan", "plan", "quantize_bundle", "apply_plan", "ComponentOutcome"]
+
+
+@dataclass
+class ComponentOutcome:
+    component: str
+    plan: Plan
+    seconds: float
+    bytes: int
+    details: dict
+
+
+def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_samples: int = 64) -> dict:
+    """Writes the component graph ``dst`` from the fp32 graph ``src`` as ``p`` says. Returns details."""
+    from . import calibrate, fp16, modelopt_driver
+
+    src, dst = Path(src), Path(dst)
+    if p.method == "none":
+        if src != dst:
+            shutil.copyfile(src, dst)
+        return {}
+    if p.method == "fp16":
+        sample = calibrate.select(feeds, 8) if feeds else None
+        return fp16.convert_fp16(src, dst, keep_ops=p.keep_fp32_ops, keep_nodes=p.keep_fp32, feeds=sample)
+    if p.method == "bf16-weights":
+        return {"bf16_weights": fp16.convert_bf16_weights(src, dst, keep_nodes=p.keep_fp32)}
+    if p.method == "bf16-autocast":
+        return fp16.convert_bf16_autocast(src, dst, keep_ops=p.keep_fp32_ops, keep_nodes=p.keep_fp32)
+    if not feeds:
+        raise ValueError(f"{p.component}: {p.precision} needs calibration feeds and none were captured")
+    mode = {"modelopt-int8": "int8", "modelopt-fp8": "fp8", "modelopt-int4": "int4"}[p.method]
+    chosen = calibrate.select(feeds, calib_samples)
+    modelopt_driver.quantize(
+        src, dst, mode, chosen, high_precision=p.high_precision, nodes_to_exclude=list(p.exclude),
+        op_types_to_quantize=gemm_ops() if mode != "int4" else None,
+        calibration_method=p.calibration_method or None, block_size=p.block_size,
+    )
+    details: dict = {"calibration_feeds": len(chosen)}
+    if p.reduce_range:
+        details["reduced_range_weights"] = modelopt_driver.reduce_weight_range(dst)
+    if mode in ("int8", "fp8"):
+        details["folded_weights"] = modelopt_driver.fold_weight_quantizers(dst)
+    if mode == "int4" and p.high_precision == "fp16":
+        tmp = dst.with_suffix(".fp16.onnx")
+        fp16.convert_fp16(dst, tmp, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",))
+        tmp.replace(dst)
+    return details
+
+
+def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[str, list[Feed]] | None,
+                    calib_samples: int = 64, progress=None) -> list[ComponentOutcome]:
+    """Rewrites every component graph of the fp32 bundle ``bundle_dir`` to ``precision`` for ``target``
+    (a ``targets.Target``) and rewrites manifest.json. ``feeds``: component -> calibration feeds."""
+    from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    from ..config import EMMAConfig
+    from ..export.bundle_writer import graph_io
+    from ..export.trt_ops import check_model
+
+    bundle_dir = Path(bundle_dir)
+    bundle = Bundle.load(bundle_dir)
+    m = bundle.manifest
+    if m.precision != "fp32" or any(c.precision != "fp32" for c in m.components.values()):
+        raise ValueError(f"{bundle_dir}: quantize starts from an fp32 bundle (this one is {m.precision})")
+    cfg = EMMAConfig.from_dict(m.config)
+    gpu = bool(getattr(target, "is_gpu", False))
+    entries = dict(m.components)
+    policy: dict[str, str] = {}
+    out: list[ComponentOutcome] = []
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle_dir) as td:
+        for name, info in m.components.items():
+            p = plan(name, precision, gpu, cfg)
+            t0 = time.perf_counter()
+            src = bundle.path(info.file)
+            if info.data_files:
+                raise ValueError(f"{name}: graphs with external weight data are not quantized yet (> 2 GB)")
+            tmp = Path(td) / info.file
+            details = apply_plan(p, src, tmp, (feeds or {}).get(name), calib_samples)
+            if gpu:  # what TensorRT's parser cannot take is named now, not at engine-build time
+                import onnx
+
+                issues = check_model(onnx.load(str(tmp), load_external_data=False))
+                if issues:
+                    details["trt_issues"] = [str(i) for i in issues[:5]]
+            tmp.replace(src)
+            inputs, outputs = graph_io(src)
+            entries[name] = replace(info, sha256=sha256_file(src), inputs=inputs, outputs=outputs, precision=p.precision)
+            policy[name] = p.describe()
+            o = ComponentOutcome(name, p, time.perf_counter() - t0, src.stat().st_size, details)
+            out.append(o)
+            if progress:
+                progress(o)
+    new = replace(m, precision=precision, target=getattr(target, "name", str(target)), components=entries, precision_policy=policy)
+    tmp_manifest = bundle_dir / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(new.to_json())
+    tmp_manifest.replace(bundle_dir / MANIFEST)
+    return out

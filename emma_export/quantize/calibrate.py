@@ -35,11 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 CALIBRATION_DIR = ROOT / "calibration"
 PROMPTS_FILE = CALIBRATION_DIR / "prompts.txt"
 
-# scikit-image sample photographs bundled with the package (no download). Documents / text / charts
-# go through the STEM expert too.
-PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
-          "camera", "coins", "moon", "grass", "gravel", "brick")
-DOCUMENTS = ("page", "text")
+# scikit-image sample photographs bundled with the package (no download). Documents also go
+# through the STEM expert. VERIFY_IMAGES are never calibrated on: verify's real feeds come from them.
+PHOTOS = ("astronaut", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+          "camera", "moon", "grass", "gravel", "brick")
+DOCUMENTS = ("page",)
+VERIFY_IMAGES = ("coffee", "coins", "text")
 
 Feed = dict[str, np.ndarray]
 
@@ -68,7 +69,7 @@ def load_prompts(path: Path = PROMPTS_FILE) -> dict[str, list[str]]:
 
 
 def sample_names() -> list[str]:
-    return list(PHOTOS) + list(DOCUMENTS)
+    return list(PHOTOS) + list(DOCUMENTS) + list(VERIFY_IMAGES)
 
 
 def load_photo(name: str) -> np.ndarray:
@@ -290,6 +291,7 @@ class Recipe:
     edit_prompts: int = 6
     max_new_tokens: int = 6
     sizes: int = 3
+    held_out: bool = False  # the verify images, prompts from the end of each section, other noise seeds
 
     @classmethod
     def named(cls, name: str) -> "Recipe":
@@ -297,7 +299,10 @@ class Recipe:
             return cls()
         if name == "quick":
             return cls(images=8, understand_prompts=2, generate_prompts=4, edit_prompts=3, max_new_tokens=4, sizes=2)
-        raise ValueError(f"unknown calibration recipe {name!r} (full, quick)")
+        if name == "verify":
+            return cls(images=len(VERIFY_IMAGES), understand_prompts=2, generate_prompts=3, edit_prompts=3,
+                       max_new_tokens=4, sizes=3, held_out=True)
+        raise ValueError(f"unknown calibration recipe {name!r} (full, quick, verify)")
 
 
 def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path = PROMPTS_FILE) -> dict[str, list[Feed]]:
@@ -307,7 +312,12 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
     recipe = Recipe.named(recipe) if isinstance(recipe, str) else recipe
     cfg = model.cfg
     prompts = load_prompts(prompts_file)
-    names = _interleave(list(PHOTOS), list(DOCUMENTS))[: recipe.images]
+    if recipe.held_out:
+        prompts = {k: v[::-1] for k, v in prompts.items()}
+        names = list(VERIFY_IMAGES)[: recipe.images]
+    else:
+        names = _interleave(list(PHOTOS), list(DOCUMENTS))[: recipe.images]
+    seed0 = 5000 if recipe.held_out else 0
     sizes = image_sizes(cfg)[: recipe.sizes]
     photos = {n: load_photo(n) for n in names}
     cap = Capture(model)
@@ -318,7 +328,7 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
             img = torch.from_numpy(to_model_image(photos[n], H, W))
             # Router's choice; expert 1 (STEM) forced on documents and on every third photograph,
             # so both experts see real images whatever the router prefers.
-            force = 1 if (n in DOCUMENTS or i % 3 == 1) else None
+            force = 1 if (n in DOCUMENTS or n == "text" or i % 3 == 1) else None
             for k in range(recipe.understand_prompts):
                 p = und_p[(i * recipe.understand_prompts + k) % len(und_p)]
                 ref.understand(model, tokenizer, img, p, max_new_tokens=recipe.max_new_tokens, expert=force if k == 0 else None)
@@ -326,14 +336,14 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
         for j in range(recipe.generate_prompts):
             H, W = sizes[j % len(sizes)]
             gh, gw = cfg.grid(H, W)
-            noise = torch.from_numpy(np.random.default_rng(1000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
+            noise = torch.from_numpy(np.random.default_rng(seed0 + 1000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
             ref.generate(model, tokenizer, gen_p[j % len(gen_p)], noise)
         for j in range(recipe.edit_prompts):
             n = names[j % len(names)]
             H, W = sizes[(j + 1) % len(sizes)]
             gh, gw = cfg.grid(H, W)
             img = torch.from_numpy(to_model_image(photos[n], H, W))
-            noise = torch.from_numpy(np.random.default_rng(2000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
+            noise = torch.from_numpy(np.random.default_rng(seed0 + 2000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
             ref.edit(model, tokenizer, img, edit_p[j % len(edit_p)], noise)
     return cap.feeds
 

@@ -42,11 +42,12 @@ class EngineInfo:
     compute_capability: str
     profile: dict[str, tuple[int, int, int]]
     build_seconds: float = 0.0
+    flavour: str = ""  # "tensorrt" or "tensorrt-rtx": which runtime deserializes it
 
     @classmethod
     def from_dict(cls, d: dict) -> "EngineInfo":
         return cls(d["file"], d["sha256"], d["target"], d["compute_capability"],
-                   {k: tuple(v) for k, v in d["profile"].items()}, d.get("build_seconds", 0.0))
+                   {k: tuple(v) for k, v in d["profile"].items()}, d.get("build_seconds", 0.0), d.get("flavour", ""))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": {k: list(v) for k, v in self.profile.items()}}

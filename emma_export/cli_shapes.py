@@ -1,0 +1,68 @@
+"""`emma-export train-shapes` and `emma-export evaluate`: the shapes world (issue #10)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .cli import _fail, main
+
+
+@main.command("train-shapes")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for model.safetensors (fp16), tokenizer.json, config.json, train.json.")
+@click.option("--minutes", type=float, default=15.0, show_default=True, help="Time budget, split between the autoencoder and the joint stage.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--ae-share", type=float, default=0.35, show_default=True, help="Fraction of the budget for the autoencoder.")
+@click.option("--ae-steps", type=int, default=None, help="Fixed autoencoder steps instead of a time budget (repeatable runs).")
+@click.option("--steps", type=int, default=None, help="Fixed joint steps instead of a time budget (repeatable runs).")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch intra-op threads.")
+@click.option("--quiet", is_flag=True, help="No progress bars; log lines instead.")
+def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, threads, quiet):
+    """Train the `shapes` EMMA on the generated world: autoencoder, then understanding,
+    generation and editing together."""
+    from .shapes.train import TrainSettings, train
+
+    if minutes <= 0 and (ae_steps is None or steps is None):
+        _fail("--minutes must be positive (or give both --ae-steps and --steps)")
+    if not 0.0 < ae_share < 1.0:
+        _fail("--ae-share must be between 0 and 1")
+    s = TrainSettings(minutes=minutes, seed=seed, ae_share=ae_share, ae_steps=ae_steps, steps=steps,
+                      threads=threads, progress=not quiet)
+    rep = train(out, s, echo=click.echo)
+    size = (rep.out / "model.safetensors").stat().st_size
+    click.echo(
+        f"wrote {rep.out}/model.safetensors ({size / 1e6:.2f} MB fp16), tokenizer.json, config.json, train.json "
+        f"in {rep.seconds / 60:.1f} min (autoencoder {rep.ae_steps} steps, joint {rep.steps} steps)"
+    )
+
+
+@main.command("evaluate")
+@click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False))
+@click.option("--reference", is_flag=True, help="Also run the PyTorch reference on the bundle's source checkpoint.")
+@click.option("--checkpoint", type=click.Path(exists=True), default=None, help="Reference weights (default: the manifest's source checkpoint).")
+@click.option("--n", "n", type=int, default=100, show_default=True, help="Held-out scenes.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full results as JSON.")
+@click.option("--threads", type=int, default=2, show_default=True, help="torch threads for the reference.")
+@click.option("--quiet", is_flag=True)
+def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, json_out, threads, quiet):
+    """Held-out shapes-world suite: understanding, generation, editing, autoencoder PSNR."""
+    from emma_runtime.bundle import BundleError
+
+    from .shapes.evaluate import evaluate, print_table, write_json
+
+    if n < 1:
+        _fail("--n must be at least 1")
+    if reference and threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    try:
+        res = evaluate(bundle_dir, n=n, seed=seed, reference=reference, checkpoint=checkpoint, progress=not quiet and sys.stderr.isatty())
+    except (BundleError, ValueError) as e:
+        _fail(str(e))
+    print_table(res, echo=click.echo)
+    if json_out:
+        write_json(res, json_out)
+        click.echo(f"wrote {json_out}")

@@ -1,0 +1,292 @@
+"""Memory plan: does a model at a precision and context fit a target's memory variants?
+
+Everything is arithmetic on parameter counts (meta device: nothing is allocated) and config
+widths; nothing is measured. Sizes are in GiB (2**30 bytes).
+
+**Weights** are counted per runtime graph, because each graph (ONNX session or TensorRT engine)
+holds its own copy: the token embedding is held twice (the ``embed_tokens`` Gather and the tied
+``lm_head``), the shallow layers' shared Q/K projections twice (``backbone_und`` and
+``backbone_gen``), and both vision experts are loaded. Bytes per parameter (the policy):
+
+============  ==========================  ===========================  ============================
+precision     Linear/Conv weights          LLM layer Linear weights     everything else (norms,
+              (AE, ViT, adapters, heads)   (backbone_und/_gen)          biases, embeddings, position
+                                                                        tables, the tied LM head)
+============  ==========================  ===========================  ============================
+fp32          4                            4                            4
+fp16, bf16    2                            2                            2
+int8, fp8     1                            1                            2
+int4w         2                            0.5 + 2/128 (an fp16 scale   2
+                                           per group of 128 weights)
+============  ==========================  ===========================  ============================
+
+Per-channel int8/fp8 scales (one per output row) are left out: under 0.1 % of the weights.
+
+**KV cache** = ``cfg.kv_bytes_per_token(kv_bytes)`` x context x rows, with ``kv_bytes`` 4 for an
+fp32 bundle (its backbone emits fp32 keys/values), 1 for fp8 and 2 otherwise. ``rows`` is what the
+busiest task (editing, three guidance prefixes) keeps: 3 prefix caches, plus, with
+``cfg_mode="batch"``, the stacked batch copy of them the runtime denoises with (3 more rows).
+
+**Activations** are the peak of the phases, which run one after another (TensorRT and ONNX Runtime
+reuse activation memory within a graph); ``a`` = 4 bytes for fp32, else 2 (fp16 activations):
+
+- prefill of the prefix, ``S = T = context - L`` (``L`` = image tokens at ``image`` px), batch 1:
+  ``S*(4H + 3F + (nq + 2nkv)*hd)*a`` live in one layer, plus one layer's attention scores
+  ``nq*S*T*a`` (counted unfused: an explicit boolean mask may keep TensorRT off its fused kernels);
+- a denoising step: the same with ``S = L``, ``T = context`` and batch = the guidance rows (3 batched,
+  1 sequential);
+- the LM head on the last position: ``vocab*4``;
+- the vision trunk at ``image`` px, ``N = (image/patch)^2`` patches: ``N*(4D + F_v)*a + heads*N^2*a``;
+- the autoencoder: stage i (width ``w_i``) at ``image/2^i`` px holds about three feature maps,
+  ``max_i 3*w_i*(image/2^i)^2*a`` (encoder and decoder alike).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+
+from .config import EMMAConfig
+from .targets import Target, check_precision, normalize_precision
+
+GIB = 2**30
+INT4_GROUP = 128
+
+#: bytes per parameter of each class, per precision (see the module docstring)
+BYTES_PER_PARAM: dict[str, dict[str, float]] = {
+    "fp32": {"matmul": 4, "llm_matmul": 4, "other": 4},
+    "fp16": {"matmul": 2, "llm_matmul": 2, "other": 2},
+    "bf16": {"matmul": 2, "llm_matmul": 2, "other": 2},
+    "int8": {"matmul": 1, "llm_matmul": 1, "other": 2},
+    "fp8": {"matmul": 1, "llm_matmul": 1, "other": 2},
+    "int4w": {"matmul": 2, "llm_matmul": 0.5 + 2 / INT4_GROUP, "other": 2},
+}
+KV_BYTES = {"fp32": 4, "fp8": 1}  # else 2
+GUIDANCE_ROWS = 3  # editing: text+image, image only, none
+
+
+@dataclass(frozen=True)
+class ParamSplit:
+    """Parameters a runtime graph holds, by class (see BYTES_PER_PARAM)."""
+
+    matmul: int = 0
+    llm_matmul: int = 0
+    other: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.matmul + self.llm_matmul + self.other
+
+    def bytes(self, precision: str) -> float:
+        b = BYTES_PER_PARAM[precision]
+        return self.matmul * b["matmul"] + self.llm_matmul * b["llm_matmul"] + self.other * b["other"]
+
+
+@lru_cache(maxsize=8)
+def _graph_params_cached(cfg_json: str) -> tuple[tuple[str, ParamSplit], ...]:
+    import torch
+    from torch import nn
+
+    from .components import all_components
+    from .info import model_info
+    from .model.emma import EMMA
+
+    cfg = EMMAConfig.from_json(cfg_json)
+    with torch.device("meta"):
+        m = EMMA(cfg)
+    matmul_keys = {f"{n}.weight" for n, mod in m.named_modules() if isinstance(mod, (nn.Linear, nn.Conv2d))}
+    params = dict(m.named_parameters())
+    out = []
+    for comp in all_components(cfg):
+        split = {"matmul": 0, "llm_matmul": 0, "other": 0}
+        for key, p in params.items():
+            if not comp.uses(key):
+                continue
+            if key in matmul_keys:
+                split["llm_matmul" if key.startswith("llm.layers.") else "matmul"] += p.numel()
+            else:
+                split["other"] += p.numel()
+        out.append((comp.name, ParamSplit(**split)))
+    # Cross-check with `emma-export info`: the graphs hold every parameter, the embedding and the
+    # shared Q/K projections twice.
+    mi = model_info(cfg)
+    shared_qk = sum(p.numel() for k, p in params.items()
+                    if k.startswith("llm.layers.") and ".shared." in k)
+    held = sum(s.total for _, s in out)
+    expect = mi.total + mi.parameters["embed_tokens"] + shared_qk
+    assert held == expect, f"graph parameter split {held} != model_info total {mi.total} + duplicates {expect - mi.total}"
+    return tuple(out)
+
+
+def graph_params(cfg: EMMAConfig) -> dict[str, ParamSplit]:
+    """Parameters per runtime graph (``embed_tokens`` and ``lm_head`` both hold the embedding)."""
+    return dict(_graph_params_cached(cfg.to_json()))
+
+
+# ---- KV cache and activations -------------------------------------------------------------------
+
+def kv_bytes_per_el(precision: str) -> int:
+    return KV_BYTES.get(precision, 2)
+
+
+def kv_rows(cfg_mode: str) -> int:
+    return 2 * GUIDANCE_ROWS if cfg_mode == "batch" else GUIDANCE_ROWS
+
+
+def kv_cache_bytes(cfg: EMMAConfig, precision: str, context: int, cfg_mode: str = "batch") -> int:
+    return cfg.kv_bytes_per_token(kv_bytes_per_el(precision)) * context * kv_rows(cfg_mode)
+
+
+def activation_bytes(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str = "batch") -> dict[str, int]:
+    """Peak activation bytes per phase (formulas in the module docstring)."""
+    a = 4 if precision == "fp32" else 2
+    l, v, ae = cfg.llm, cfg.vision, cfg.ae
+    H, F, nq, nk, hd = l.hidden_size, l.intermediate_size, l.num_attention_heads, l.num_key_value_heads, l.head_dim
+    L = cfg.num_visual_tokens(image, image)
+
+    def backbone(batch: int, S: int, T: int) -> int:
+        return batch * S * (4 * H + 3 * F + (nq + 2 * nk) * hd) * a + batch * nq * S * T * a
+
+    prefix = max(context - L, 1)
+    rows = GUIDANCE_ROWS if cfg_mode == "batch" else 1
+    N = (image // v.patch_size) ** 2
+    widths = ae.encoder_block_out_channels
+    return {
+        "prefill": backbone(1, prefix, prefix),
+        "denoise_step": backbone(rows, L, context),
+        "lm_head": l.vocab_size * 4,
+        "vision": N * (4 * v.hidden_size + v.intermediate_size) * a + v.num_attention_heads * N * N * a,
+        "autoencoder": max(3 * w * (image // 2**i) ** 2 * a for i, w in enumerate(widths)),
+    }
+
+
+# ---- the plan -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class VariantFit:
+    memory_gb: float
+    usable_gb: float  # memory_gb - the target's reserved_gb
+    fits: bool
+    headroom_gb: float
+    advice: str  # what to change when it does not fit ("" when it does)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    config: str
+    precision: str
+    target: str
+    context: int
+    image: int
+    cfg_mode: str
+    weights: dict[str, int]  # bytes per runtime graph
+    parameters: dict[str, int]  # per runtime graph
+    kv_cache: int
+    activations: dict[str, int]  # per phase
+    activation_peak: int
+    total: int
+    variants: list[VariantFit] = field(default_factory=list)
+    policy: str = ""
+
+    @property
+    def weights_total(self) -> int:
+        return sum(self.weights.values())
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["weights_total"] = self.weights_total
+        return d
+
+
+def _totals(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str):
+    params = graph_params(cfg)
+    weights = {k: int(math.ceil(s.bytes(precision))) for k, s in params.items()}
+    kv = kv_cache_bytes(cfg, precision, context, cfg_mode)
+    acts = activation_bytes(cfg, precision, context, image, cfg_mode)
+    peak = max(acts.values())
+    return params, weights, kv, acts, peak, sum(weights.values()) + kv + peak
+
+
+def _policy_line(precision: str) -> str:
+    b = BYTES_PER_PARAM[precision]
+    return (f"{precision}: Linear/Conv weights {b['matmul']:g} B, LLM layer Linear weights {b['llm_matmul']:g} B, "
+            f"norms/biases/embeddings/tied LM head {b['other']:g} B per parameter; KV cache {kv_bytes_per_el(precision)} B")
+
+
+def min_context(cfg: EMMAConfig, image: int) -> int:
+    """The shortest context that holds one image and one more token."""
+    return cfg.num_visual_tokens(image, image) + 1
+
+
+def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | None = None,
+                image: int | None = None, cfg_mode: str = "batch") -> MemoryPlan:
+    """Weights, KV cache, activations and the fit on each of ``target``'s memory variants.
+    Raises TargetError when the target cannot run ``precision``; ValueError for a context too short
+    for one image."""
+    precision = normalize_precision(precision)
+    check_precision(target, precision)
+    if cfg_mode not in ("batch", "sequential"):
+        raise ValueError("cfg_mode must be 'batch' or 'sequential'")
+    context = context or cfg.max_context
+    image = image or cfg.image_size
+    cfg.grid(image, image)  # a multiple of the cell
+    if context < min_context(cfg, image):
+        raise ValueError(f"--context {context} is shorter than one {image}px image ({cfg.num_visual_tokens(image, image)} tokens) plus a token")
+    params, weights, kv, acts, peak, total = _totals(cfg, precision, context, image, cfg_mode)
+    variants = []
+    for mem in target.memory_gb:
+        usable = mem - target.reserved_gb
+        fits = total <= usable * GIB
+        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable)
+        variants.append(VariantFit(mem, usable, fits, round(usable - total / GIB, 3), advice))
+    return MemoryPlan(
+        config=cfg.name, precision=precision, target=target.name, context=context, image=image, cfg_mode=cfg_mode,
+        weights=weights, parameters={k: s.total for k, s in params.items()}, kv_cache=kv, activations=acts,
+        activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision),
+    )
+
+
+def _longest_context(cfg, precision, image, cfg_mode, budget, below: int) -> int | None:
+    """The longest context below ``below`` (a multiple of 256 where possible) that fits ``budget``."""
+    lo_ctx = min_context(cfg, image)
+    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode)[-1] <= budget
+    if below <= lo_ctx or not fits(lo_ctx):
+        return None
+    lo, hi = lo_ctx, below - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return max(lo_ctx, (lo // 256) * 256)
+
+
+def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb) -> str:
+    """What to change so the plan fits ``usable_gb``: a lower precision the target runs (the widest
+    that fits), a shorter context, sequential guidance, or a combination of precision and context."""
+    budget = usable_gb * GIB
+    total = lambda p, c, m=cfg_mode: _totals(cfg, p, c, image, m)[-1]
+    mine = total(precision, context)
+    lower = sorted(((total(p, context), p) for p in target.precisions if p != precision), reverse=True)
+    lower = [(t, p) for t, p in lower if t < mine]  # widest first
+    options = []
+    for t, p in lower:
+        if t <= budget:
+            options.append(f"--precision {p} ({t / GIB:.1f} GiB)")
+            break
+    c = _longest_context(cfg, precision, image, cfg_mode, budget, context)
+    if c is not None:
+        options.append(f"--context {c} ({total(precision, c) / GIB:.1f} GiB)")
+    if cfg_mode == "batch" and total(precision, context, "sequential") <= budget:
+        options.append(f"--cfg-mode sequential ({total(precision, context, 'sequential') / GIB:.1f} GiB)")
+    if not options:
+        for _, p in lower:
+            c = _longest_context(cfg, p, image, cfg_mode, budget, context)
+            if c is not None:
+                options.append(f"--precision {p} --context {c} ({total(p, c) / GIB:.1f} GiB)")
+                break
+    if not options:
+        lo_ctx = min_context(cfg, image)
+        floor = min(total(p, lo_ctx, "sequential") for p in [precision] + [p for _, p in lower])
+        return (f"does not fit at any precision or context {target.name} runs "
+                f"(at least {floor / GIB:.1f} GiB): choose a larger memory variant")
+    return "use " + ", or ".join(options)

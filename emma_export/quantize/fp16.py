@@ -1,0 +1,164 @@
+"""Half-precision graphs: fp16 conversion with an overflow check, and bf16 weight storage.
+
+fp16: onnxconverter-common's float16 converter with ``keep_io_types`` (the runtime keeps feeding and
+reading float32), the policy's sensitive ops blocked (kept fp32 with Casts around them), every
+``Cast(to=FLOAT)`` blocked (the converter retypes their outputs but not their ``to`` attribute, which
+ORT then rejects), and every node whose inputs or outputs exceed the fp16 range on real calibration
+feeds blocked as well (the overflow check, ``overflowing_nodes``).
+
+bf16: ONNX Runtime's CPU provider has almost no bfloat16 kernels (no MatMul, Conv, LayerNorm...), so a
+bf16-computing graph cannot be verified or run here. The bf16 bundle therefore stores every weight
+as bfloat16 (half the bytes) followed by a ``Cast`` to float32, and computes in float32: the only
+error is the weights' bf16 rounding. ORT runs it; TensorRT (``--bf16``) may fuse the Cast into
+bf16 kernels.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+FP16_MAX = 65504.0
+# Headroom: an fp16 value above this has at most ~4x margin before an intermediate overflows.
+OVERFLOW_THRESHOLD = FP16_MAX / 4
+
+Feed = dict[str, np.ndarray]
+
+
+def _match(name: str, patterns) -> bool:
+    return any(re.search(p, name) for p in patterns)
+
+
+def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW_THRESHOLD, max_feeds: int = 8) -> list[str]:
+    """Nodes of the fp32 graph whose float inputs or outputs exceed ``threshold`` on ``feeds``."""
+    import onnxruntime as ort
+
+    m = onnx.load(str(path))
+    init = {i.name for i in m.graph.initializer}
+    m = onnx.shape_inference.infer_shapes(m)
+    floats = {vi.name for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)
+              if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
+    have = {o.name for o in m.graph.output}
+    for node in m.graph.node:
+        for o in node.output:
+            if o in floats and o not in have:
+                m.graph.output.append(helper.make_tensor_value_info(o, TensorProto.FLOAT, None))
+                have.add(o)
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    input_names = {i.name for i in sess.get_inputs()}
+    peak: dict[str, float] = {}
+    for f in feeds[:max_feeds]:
+        outs = sess.run(None, {k: v for k, v in f.items() if k in input_names})
+        for n, v in zip(names, outs):
+            if isinstance(v, np.ndarray) and v.dtype == np.float32 and v.size:
+                peak[n] = max(peak.get(n, 0.0), float(np.abs(v).max()))
+    for i in m.graph.input:
+        if i.name in input_names and i.name not in init:
+            for f in feeds[:max_feeds]:
+                if i.name in f and f[i.name].dtype == np.float32 and f[i.name].size:
+                    peak[i.name] = max(peak.get(i.name, 0.0), float(np.abs(f[i.name]).max()))
+    hot = {n for n, v in peak.items() if not np.isfinite(v) or v > threshold}
+    return [node.name for node in m.graph.node if hot & (set(node.input) | set(node.output))]
+
+
+def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[Feed] | None = None) -> dict:
+    """fp16 weights and compute, float32 IO. Returns what was kept fp32 (for the manifest's policy)."""
+    from onnxconverter_common import float16
+
+    m = onnx.load(str(src))
+    del m.graph.value_info[:]  # stale float types would be re-typed blindly
+    overflow = overflowing_nodes(src, feeds) if feeds else []
+    block = set(overflow)
+    for node in m.graph.node:
+        if node.op_type == "Cast" and any(a.name == "to" and a.i == TensorProto.FLOAT for a in node.attribute):
+            block.add(node.name)
+        elif node.op_type in keep_ops or _match(node.name, keep_nodes):
+            block.add(node.name)
+    op_block = list(float16.DEFAULT_OP_BLOCK_LIST)
+    _unshare_initializers(m, block | {n.name for n in m.graph.node if n.op_type in op_block})
+    kept = sorted(n.name for n in m.graph.node if n.name in block and n.op_type != "Cast")
+    m16 = float16.convert_float_to_float16(m, keep_io_types=True, op_block_list=op_block, node_block_list=sorted(block),
+                                           max_finite_val=FP16_MAX, min_positive_val=2.0 ** -24)
+    onnx.save_model(m16, str(dst))
+    return {"kept_fp32_nodes": len(kept), "overflow_nodes": overflow}
+
+
+def _unshare_initializers(m: onnx.ModelProto, block: set[str]) -> None:
+    """The exporter and onnxslim share identical constants between nodes (zero biases of a Conv and
+    of LayerNorms, GELU's scalars). The converter keeps an initializer fp32 if ANY consumer is
+    blocked, which then mistypes its fp16 consumers: blocked consumers get their own copy."""
+    inits = {i.name: i for i in m.graph.initializer}
+    consumers: dict[str, list] = {}
+    for node in m.graph.node:
+        for i in set(node.input):
+            if i in inits:
+                consumers.setdefault(i, []).append(node)
+    for name, nodes in consumers.items():
+        blocked = [n for n in nodes if n.name in block]
+        if not blocked or len(blocked) == len(nodes):
+            continue
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = name + "_fp32"
+        m.graph.initializer.append(copy)
+        for n in blocked:
+            for k, i in enumerate(n.input):
+                if i == name:
+                    n.input[k] = copy.name
+
+
+def convert_bf16_weights(src: Path, dst: Path, keep_nodes=(), min_elements: int = 256) -> int:
+    """Every float32 initializer of at least ``min_elements`` stored as bfloat16 + Cast(to=FLOAT),
+    except those read by nodes matching ``keep_nodes``. Returns the number converted."""
+    import ml_dtypes
+
+    m = onnx.load(str(src))
+    g = m.graph
+    kept = {i for node in g.node if _match(node.name, keep_nodes) for i in node.input}
+    casts = []
+    n = 0
+    for init in g.initializer:
+        if init.data_type != TensorProto.FLOAT or int(np.prod(init.dims)) < min_elements or init.name in kept:
+            continue
+        a = numpy_helper.to_array(init)
+        b = a.astype(ml_dtypes.bfloat16)
+        name = init.name
+        new = TensorProto()
+        new.name = name + "_bf16"
+        new.data_type = TensorProto.BFLOAT16
+        new.dims.extend(a.shape)
+        new.raw_data = b.view(np.uint16).tobytes()
+        init.CopyFrom(new)
+        casts.append(helper.make_node("Cast", [new.name], [name], to=TensorProto.FLOAT, name=f"{name}_cast_fp32"))
+        n += 1
+    # Casts first: every consumer of a weight now reads the Cast's output (same name as before).
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.save_model(m, str(dst))
+    return n
+
+
+def convert_bf16_autocast(src: Path, dst: Path, keep_ops=(), keep_nodes=()) -> dict:
+    """A bf16-computing graph for TensorRT (Model Optimizer's autocast), float32 IO. ONNX Runtime's
+    CPU provider cannot run it (no bf16 MatMul/Conv kernels): verify skips such components."""
+    import re as _re
+
+    from modelopt.onnx.autocast import convert_to_mixed_precision
+
+    m = onnx.load(str(src))
+    names = [n.name for n in m.graph.node if _match(n.name, keep_nodes)]
+    out = convert_to_mixed_precision(
+        str(src), low_precision_type="bf16", nodes_to_exclude=[f"^{_re.escape(n)}$" for n in names] or None,
+        op_types_to_exclude=list(keep_ops) or None, keep_io_types=True, data_max=float("inf"), init_max=float("inf"),
+    )
+    onnx.save_model(out, str(dst))
+    return {"kept_fp32_nodes": len(names)}

@@ -1,0 +1,168 @@
+"""The precision policy: for a bundle precision and a target, what each component becomes and what in
+it stays at higher precision. This is the one place these decisions live; the build records
+``Plan.describe()`` per component in ``Manifest.precision_policy`` and ``Plan.precision`` in each
+component's ``precision``.
+
+What stays higher, and why (measured on tiny; see calibration/README.md and the build report):
+- Norms (LayerNorm, RMSNorm: Pow/ReduceMean/Sqrt) and Softmax are never quantized: only GEMMs and
+  convolutions are (``op_types_to_quantize``). Quantizing Model Optimizer's default set (Add, Mul,
+  Pow, Sigmoid too: residual adds and RMSNorm's x^2) tripled the backbone's INT8 error. In fp16
+  graphs they are kept fp32, as is every node the overflow check finds above the fp16 range.
+- The router (trunk): an argmax over two logits decides which expert runs; a flipped decision costs
+  far more than its tiny GEMMs save. Kept at the graph's high precision (fp32 on cpu).
+- The timestep MLP (gen_adapter): its embedding is added to every Gen token at every step; a few
+  kFLOPs. Kept high.
+- The Gen head: a hidden -> latent-channels projection whose output is integrated over every Euler
+  step; too narrow for tensor cores (Model Optimizer skips N < 16 anyway). The component stays fp32.
+- The AE decoder's first and last convolutions and its last (full-resolution) up block: kept high
+  (INT8 decoder error 0.079 -> 0.070 on tiny; they are the layers nearest the pixels).
+- The trunk's position-embedding resampling (bicubic matrices, MatMul with constants) is not
+  quantized: exact interpolation weights.
+- The token embedding is a Gather: nothing to quantize; it stays at the high precision.
+- The LM head is quantized with the backbone at INT8 and FP8 (the largest single GEMM of decoding);
+  INT4 weight-only keeps it at the high precision (AWQ on the tied embedding hurts token agreement,
+  and Model Optimizer excludes it by default).
+- INT4 weight-only applies to the backbone (memory-bound decoding); the vision tower, adapters and
+  autoencoder are compute-bound and stay at the high precision in an int4w bundle.
+
+High precision (the dtype of everything that is not quantized): fp32 on the ``cpu`` target (ONNX
+Runtime's CPU provider has few fp16 kernels: fp16 there means Casts around most nodes, and its FP8
+path dequantizes to fp32 anyway); fp16 on GPU targets (TensorRT's strongly typed networks run what
+the graph says: an fp32 remainder would run in fp32).
+
+INT8 on the cpu target: weights quantized to 7 bits (``reduce_range``). ONNX Runtime fuses Q/DQ
+into u8 x s8 integer GEMMs; on AVX2 without VNNI (this Zen 1 CPU) the pairwise int16 accumulation
+saturates with full-range weights (und_trunk rel L2 0.19 vs 0.03 without the fusion); 7-bit weights
+cannot saturate (0.046). GPU targets keep full-range INT8 weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4w")
+QUANTIZED = ("int8", "fp8", "int4w")  # calibrated on real data; verified on held-out real feeds
+
+# node-name patterns (regular expressions, re.search) of the exported graphs
+_NORMS = (r"norm",)
+_ATTN_BMM = (r"/self_attn/MatMul(_\d+)?$",)
+_ROUTER = (r"/trunk/router/",)
+_POS_RESAMPLE = (r"/trunk/embeddings/MatMul",)
+_TIMESTEP = (r"/gen_adapter/timestep/",)
+_DECODER_EDGES = (r"/decoder/conv_in/", r"/decoder/conv_out/", r"/decoder/norm_out/", r"/decoder/up_blocks\.0/")
+_GEMM_OPS = ["MatMul", "Gemm", "Conv"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    component: str
+    precision: str  # recorded in the manifest for the component
+    method: str  # none | fp16 | bf16-weights | bf16-autocast | modelopt-int8 | modelopt-fp8 | modelopt-int4
+    high_precision: str  # fp32 | fp16: dtype of what is not quantized
+    exclude: tuple[str, ...] = ()  # node patterns not quantized
+    keep_fp32: tuple[str, ...] = ()  # node patterns kept fp32 in a half-precision graph
+    keep_fp32_ops: tuple[str, ...] = ()
+    calibration_method: str = ""
+    reduce_range: bool = False
+    block_size: int | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method.startswith("modelopt")
+
+    def describe(self) -> str:
+        parts = [f"{self.precision}"]
+        if self.method == "none":
+            parts.append("exported graph unchanged")
+        elif self.method == "fp16":
+            parts.append("fp16 weights and compute, float32 IO (onnxconverter-common)")
+        elif self.method == "bf16-weights":
+            parts.append("bf16 weight storage, Cast to fp32, fp32 compute (ORT CPU has no bf16 kernels)")
+        elif self.method == "bf16-autocast":
+            parts.append("bf16 compute (Model Optimizer autocast) for TensorRT; ORT CPU cannot run it")
+        else:
+            kind = {"modelopt-int8": "INT8 Q/DQ", "modelopt-fp8": "FP8 E4M3 Q/DQ", "modelopt-int4": "INT4 AWQ weight-only"}[self.method]
+            what = "GEMM weights" if self.method == "modelopt-int4" else "GEMMs/convs"
+            parts.append(f"{kind} on {what} (Model Optimizer, {self.calibration_method} calibration on real feeds)")
+            parts.append(f"rest {self.high_precision}")
+            if self.block_size:
+                parts.append(f"block {self.block_size}")
+            if self.reduce_range:
+                parts.append("7-bit weights (reduce_range: ORT x86 u8s8 saturation)")
+        if self.exclude:
+            parts.append("kept high: " + ", ".join(self.exclude))
+        if self.keep_fp32 or self.keep_fp32_ops:
+            parts.append("kept fp32: " + ", ".join(self.keep_fp32_ops + self.keep_fp32))
+        parts.extend(self.notes)
+        return "; ".join(parts)
+
+
+def high_precision_for(target_is_gpu: bool) -> str:
+    return "fp16" if target_is_gpu else "fp32"
+
+
+def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
+    """The plan for one component of a bundle of ``precision`` on a cpu (False) or GPU (True) target."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    hp = high_precision_for(target_is_gpu)
+    c = component
+
+    def high(why: str) -> Plan:
+        """The component at the high precision (fp32 on cpu, fp16 on GPU)."""
+        if hp == "fp32":
+            return Plan(c, "fp32", "none", "fp32", notes=(why,))
+        return _fp16(c, notes=(why,))
+
+    if precision == "fp32":
+        return Plan(c, "fp32", "none", "fp32")
+    if c == "gen_head":
+        return Plan(c, "fp32", "none", "fp32", notes=("Gen head kept fp32: velocity integrated over every step, N too narrow for tensor cores",))
+    if precision == "fp16":
+        return _fp16(c)
+    if precision == "bf16":
+        keep = _ROUTER + _TIMESTEP
+        if target_is_gpu:
+            return Plan(c, "bf16", "bf16-autocast", "bf16", keep_fp32=_NORMS + keep, keep_fp32_ops=("Softmax", "LayerNormalization"))
+        return Plan(c, "bf16", "bf16-weights", "fp32", keep_fp32=keep)
+
+    if c == "embed_tokens":
+        return high("a Gather: nothing to quantize")
+    if precision == "int4w":
+        if c in ("backbone_und", "backbone_gen"):
+            bs = 128
+            if cfg is not None:
+                bs = min(128, cfg.llm.hidden_size // 2)
+            return Plan(c, "int4w", "modelopt-int4", hp, exclude=_ATTN_BMM, calibration_method="awq_clip", block_size=bs)
+        if c == "lm_head":
+            return high("LM head kept high in int4w (AWQ on the tied embedding hurts token agreement)")
+        return high("int4 weight-only is for the memory-bound backbone; this component is compute-bound")
+
+    # int8 / fp8: GEMMs and convolutions
+    method = "modelopt-int8" if precision == "int8" else "modelopt-fp8"
+    exclude: tuple[str, ...] = ()
+    if c == "und_trunk":
+        exclude = _ROUTER + _POS_RESAMPLE
+    elif c == "gen_adapter":
+        exclude = _TIMESTEP
+    elif c == "ae_decoder":
+        exclude = _DECODER_EDGES
+    elif c == "ae_encoder":
+        exclude = (r"/encoder/conv_in/",)
+    elif c in ("backbone_und", "backbone_gen") and precision == "int8":
+        exclude = _ATTN_BMM  # INT8 attention (scores, P.V) costs accuracy and TensorRT has no INT8 fMHA here
+    return Plan(c, precision, method, hp, exclude=exclude, calibration_method="max",
+                reduce_range=(precision == "int8" and not target_is_gpu))
+
+
+def _fp16(c: str, notes: tuple[str, ...] = ()) -> Plan:
+    keep = _NORMS + _ROUTER + _TIMESTEP
+    if c == "ae_decoder":
+        keep = keep + (r"/decoder/conv_out/",)
+    return Plan(c, "fp16", "fp16", "fp16", keep_fp32=keep, keep_fp32_ops=("Softmax", "LayerNormalization"),
+                notes=notes + ("plus every node the overflow check finds above 65504/4 on real feeds",))
+
+
+def gemm_ops() -> list[str]:
+    return list(_GEMM_OPS)

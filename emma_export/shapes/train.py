@@ -1,0 +1,549 @@
+"""Train a small EMMA on the shapes world (issue #10), with the reference model's own classes.
+
+Two stages, one time budget (``minutes``):
+
+1. **Autoencoder** (``ae_share`` of the budget): L1 + L2 reconstruction of train-split images. In the
+   second half the decoder also sees latents with a little Gaussian noise (relative to their spread),
+   so that the slightly-off latents a sampler produces still decode to clean shapes. Then the latent
+   scale is measured and stored as ``scaling_factor`` (scaled latents have unit variance, as flow
+   matching from N(0, 1) expects).
+2. **Everything else, all three tasks together** (the autoencoder frozen): each batch mixes
+   understanding rows (next-token cross-entropy on the answer), generation rows (flow-matching
+   velocity MSE on the latent grid, caption dropped with ``p_drop_caption`` for classifier-free
+   guidance) and editing rows (reference image + instruction -> target latents; the instruction is
+   dropped with ``p_drop_instruction`` and instruction and reference together with ``p_drop_all``,
+   the three prefixes of the 3-way guidance). Each row's sequence is built from
+   ``emma_runtime.template`` exactly as the pipelines build it, embedded by the model's own modules
+   (``vision`` + ``und_adapter`` / ``gen_adapter``, ``embed``, ``target_tokens``), and the whole
+   batch runs as ONE forward of the backbone with mixed branches and EMMA's mask rule
+   (``full_mask``: causal text, bidirectional images in generation and editing, padding off).
+
+The data stream is ``world.make_example("train", i, seed)`` for i = 0, 1, 2, ...: fresh scenes at
+every step, none of them held out. Initialisation (``build_model``), data and noise are drawn from
+the seed; with ``ae_steps``/``steps`` given, the schedule is by step count and the run is repeatable
+step for step; with only ``minutes``, each stage runs (and anneals its learning rate) by wall clock.
+
+The router is fixed to the versatile expert (the shapes world has no charts or documents), and the
+STEM expert is saved as a copy of the trained versatile one, so either route gives the same answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from emma_runtime import template
+from emma_runtime.template import Image, SpecialIds, Text
+
+from ..config import EMMAConfig, get_config
+from ..model.backbone import GEN, UND, full_mask
+from ..model.emma import EMMA, build_model
+from . import world
+
+
+@dataclass
+class TrainSettings:
+    minutes: float = 15.0
+    seed: int = 0
+    config: str = "shapes"
+    ae_share: float = 0.35  # fraction of the budget for the autoencoder
+    ae_steps: int | None = None  # fixed step counts (repeatable runs, smoke tests); else by time
+    steps: int | None = None
+    ae_batch: int = 32
+    ae_lr: float = 2e-3
+    ae_latent_noise: float = 0.1  # decoder sees z + noise * std(z) in the second half of stage 1
+    batch_und: int = 16
+    batch_gen: int = 16
+    batch_edit: int = 16
+    lr: float = 1.5e-3
+    weight_decay: float = 0.01
+    warmup: int = 30
+    fm_weight: float = 1.0
+    p_short_caption: float = 0.3  # otherwise the detailed caption (sizes, position)
+    p_drop_caption: float = 0.1
+    p_drop_instruction: float = 0.1
+    p_drop_all: float = 0.1
+    threads: int | None = 2
+    log_every: int = 25
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TrainReport:
+    out: Path
+    seconds: float
+    ae_seconds: float
+    joint_seconds: float
+    ae_steps: int
+    steps: int
+    scaling_factor: float
+    ae_val_psnr: float
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["out"] = str(self.out)
+        return d
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+
+def to_tensor(images: list[np.ndarray]) -> torch.Tensor:
+    """uint8 (H, W, 3) images -> (B, 3, H, W) float in [-1, 1] (the runtime's ``to_model``)."""
+    a = np.stack(images).astype(np.float32) / 127.5 - 1.0
+    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
+
+
+class Stream:
+    """Fresh train-split examples, ``make_example('train', i, seed)`` for i = 0, 1, ..."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.i = 0
+
+    def take(self, n: int) -> list[world.Example]:
+        out = [world.make_example("train", self.i + k, self.seed) for k in range(n)]
+        self.i += n
+        return out
+
+
+def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """PSNR in dB of two uint8 images (optionally over a (H, W) boolean mask)."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    if mask is not None:
+        d = d[mask]
+    mse = float(np.mean(d * d)) if d.size else 0.0
+    return 100.0 if mse <= 1e-10 else 10.0 * math.log10(255.0**2 / mse)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8 (the runtime's ``to_uint8``)."""
+    return np.round(np.clip((x.detach().permute(0, 2, 3, 1).numpy() + 1.0) * 127.5, 0, 255)).astype(np.uint8)
+
+
+# ---- schedule ---------------------------------------------------------------------------------
+
+
+class Clock:
+    """Progress in [0, 1] of a stage: by step count when ``steps`` is given, else by wall clock."""
+
+    def __init__(self, seconds: float, steps: int | None):
+        self.seconds = max(seconds, 1e-6)
+        self.steps = steps
+        self.t0 = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def progress(self, step: int) -> float:
+        if self.steps is not None:
+            return min(step / max(self.steps, 1), 1.0)
+        return min(self.elapsed() / self.seconds, 1.0)
+
+    def done(self, step: int) -> bool:
+        if self.steps is not None:
+            return step >= self.steps
+        return self.elapsed() >= self.seconds
+
+
+def lr_at(base: float, step: int, progress: float, warmup: int) -> float:
+    warm = min(1.0, (step + 1) / max(warmup, 1))
+    return base * warm * (0.02 + 0.98 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _optimizer(params, lr: float, wd: float) -> torch.optim.Optimizer:
+    params = [p for p in params if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": wd}, {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+    )
+
+
+class _Bar:
+    def __init__(self, desc: str, enabled: bool):
+        self.bar = None
+        if enabled:
+            try:
+                from tqdm import tqdm
+
+                self.bar = tqdm(desc=desc, unit="step", dynamic_ncols=True)
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    def update(self, **post) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            if post:
+                self.bar.set_postfix({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in post.items()}, refresh=False)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- stage 1: autoencoder ---------------------------------------------------------------------
+
+
+def train_autoencoder(model: EMMA, s: TrainSettings, seconds: float, log: Callable[[dict], None]) -> tuple[int, float]:
+    ae = model.ae
+    ae.train()
+    for p in ae.parameters():
+        p.requires_grad_(True)
+    opt = _optimizer(ae.parameters(), s.ae_lr, 0.0)
+    stream = Stream(s.seed * 7 + 1)
+    gen = torch.Generator().manual_seed(s.seed * 7 + 2)
+    clock = Clock(seconds, s.ae_steps)
+    bar = _Bar("autoencoder", s.progress)
+    step = 0
+    ema = None
+    while not clock.done(step):
+        prog = clock.progress(step)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s.ae_lr, step, prog, s.warmup)
+        x = to_tensor([e.image for e in stream.take(s.ae_batch)])
+        z = ae.encoder(x)
+        if prog >= 0.5 and s.ae_latent_noise > 0:
+            std = z.detach().std()
+            z = z + s.ae_latent_noise * std * torch.randn(z.shape, generator=gen)
+        y = ae.decoder(z)
+        loss = F.l1_loss(y, x) + F.mse_loss(y, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+        opt.step()
+        step += 1
+        lv = loss.item()
+        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        bar.update(loss=ema)
+        if step % s.log_every == 0:
+            log({"stage": "ae", "step": step, "loss": ema, "t": clock.elapsed()})
+    bar.close()
+    ae.eval()
+    for p in ae.parameters():
+        p.requires_grad_(False)
+    return step, clock.elapsed()
+
+
+@torch.no_grad()
+def measure_latents(model: EMMA, seed: int, n: int = 256) -> tuple[float, float]:
+    """(1 / std of the raw latents over ``n`` train images, reconstruction PSNR on ``n`` val images)."""
+    ex = world.dataset("train", n, seed=seed + 12345)
+    z = model.ae.encoder(to_tensor([e.image for e in ex]))
+    scale = float(1.0 / z.std())
+    val = world.dataset("val", n, seed=seed)
+    x = to_tensor([e.image for e in val])
+    y = model.ae.decoder(model.ae.encoder(x))
+    a, b = to_uint8(x), to_uint8(y)
+    return scale, float(np.mean([psnr(a[i], b[i]) for i in range(len(val))]))
+
+
+def set_scaling_factor(model: EMMA, scale: float) -> EMMA:
+    ae_cfg = dataclasses.replace(model.cfg.ae, scaling_factor=float(scale))
+    model.cfg = dataclasses.replace(model.cfg, ae=ae_cfg)
+    model.ae.cfg = ae_cfg
+    return model
+
+
+# ---- stage 2: the three tasks together --------------------------------------------------------
+
+
+@dataclass
+class Row:
+    segments: list  # template segments
+    task: str  # "und" | "gen" | "edit"
+    bidirectional: bool
+    answer: tuple[int, ...] = ()  # understanding: answer ids + im_end
+    image: int = -1  # index into the batch's und / reference images
+    target: int = -1  # index into the batch's target latents
+
+
+class BatchBuilder:
+    """Rows of the three tasks -> one padded mixed-branch batch for ``model.llm``."""
+
+    def __init__(self, model: EMMA, tokenizer, s: TrainSettings, rng: random.Random, gen: torch.Generator):
+        self.model = model
+        self.tok = tokenizer
+        self.sp = SpecialIds.from_tokenizer(tokenizer)
+        self.s = s
+        self.rng = rng
+        self.gen = gen
+
+    def ids(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def rows(self, und: list[world.Example], gen: list[world.Example], edit: list[world.Example]):
+        s, rng, sp = self.s, self.rng, self.sp
+        rows: list[Row] = []
+        und_images, ref_images, target_images = [], [], []
+        for ex in und:
+            by_type: dict[str, list[world.QA]] = {}
+            for qa in ex.qas:
+                by_type.setdefault(qa.qtype, []).append(qa)
+            qtype = rng.choice(sorted(by_type))
+            qa = rng.choice(by_type[qtype])
+            segs = template.understand(sp, self.ids(qa.question))
+            rows.append(Row(segs, "und", False, tuple(self.ids(qa.answer)) + (sp.im_end,), image=len(und_images)))
+            und_images.append(ex.image)
+        for ex in gen:
+            text = ex.caption if rng.random() < s.p_short_caption else ex.caption_detailed
+            if rng.random() < s.p_drop_caption:
+                text = ""
+            segs = template.generate(sp, self.ids(text))
+            rows.append(Row(segs, "gen", True, target=len(target_images)))
+            target_images.append(ex.image)
+        for ex in edit:
+            pair = rng.choice(list(ex.edits))
+            u = rng.random()
+            if u < s.p_drop_all:
+                segs = template.edit(sp, [], False, self.model.cfg.reference_branch)
+            elif u < s.p_drop_all + s.p_drop_instruction:
+                segs = template.edit(sp, [], True, self.model.cfg.reference_branch)
+            else:
+                segs = template.edit(sp, self.ids(pair.instruction), True, self.model.cfg.reference_branch)
+            has_ref = any(isinstance(g, Image) and g.role == "reference" for g in segs)
+            rows.append(Row(segs, "edit", True, image=len(ref_images) if has_ref else -1, target=len(target_images)))
+            if has_ref:
+                ref_images.append(ex.image)
+            target_images.append(world.render(pair.target_scene))
+        return rows, und_images, ref_images, target_images
+
+    def forward(self, rows: list[Row], und_images, ref_images, target_images) -> dict[str, torch.Tensor]:
+        """One forward of the whole batch; returns the losses."""
+        m = self.model
+        nu, nr = len(und_images), len(ref_images)
+        with torch.no_grad():  # the autoencoder is frozen
+            lat = m.ae.encode(to_tensor(und_images + ref_images + target_images))
+        lat_und, lat_ref, x0 = lat[:nu], lat[nu : nu + nr], lat[nu + nr :]
+        und_tok = ref_tok = None
+        if nu + nr:
+            feats, _ = m.vision(to_tensor(und_images + ref_images), expert=0)
+            if nu:
+                und_tok = m.und_adapter(feats[:nu], lat_und)
+            if nr:
+                if m.cfg.reference_branch == "und":
+                    ref_tok = m.und_adapter(feats[nu:], lat_ref)
+                else:
+                    ref_tok = m.gen_adapter(feats[nu:], lat_ref, torch.zeros(nr))
+        # flow matching: x_t = (1 - t) x0 + t noise, v = noise - x0; t on the sampler's shifted grid
+        nt = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=self.gen)
+        u = torch.rand(nt, generator=self.gen)
+        sh = m.cfg.sampler.shift
+        t = sh * u / (1.0 + (sh - 1.0) * u)
+        xt = (1.0 - t)[:, None, None, None] * x0 + t[:, None, None, None] * noise
+        v_target = (noise - x0).flatten(2).transpose(1, 2)  # (N, L, C), row-major over the grid
+        tgt_tok = m.target_tokens(xt, t) if nt else None
+
+        # text: one embedding call for every text segment (and answer) of the batch
+        texts: list[tuple[int, ...]] = []
+        for r in rows:
+            texts += [g.ids for g in r.segments if isinstance(g, Text)]
+            if r.answer:
+                texts.append(r.answer)
+        flat = torch.tensor([i for ids in texts for i in ids], dtype=torch.long)
+        emb = m.embed(flat[None])[0]
+        text_emb = list(torch.split(emb, [len(ids) for ids in texts]))
+
+        seqs, branches, imgs, targets_ce, fm_pos = [], [], [], [], []
+        k = 0
+        for r in rows:
+            parts, br, im, ce = [], [], [], []
+            n = 0
+            for si, g in enumerate(list(r.segments) + ([Text(r.answer)] if r.answer else [])):
+                if isinstance(g, Text):
+                    e = text_emb[k]
+                    k += 1
+                    b, iid = UND, -1
+                elif g.role == "input":
+                    e, b, iid = und_tok[r.image], (UND if g.branch == "und" else GEN), si
+                elif g.role == "reference":
+                    e, b, iid = ref_tok[r.image], (UND if g.branch == "und" else GEN), si
+                else:  # target
+                    e, b, iid = tgt_tok[r.target], GEN, si
+                    fm_pos.append((len(seqs), n, r.target))
+                parts.append(e)
+                br += [b] * e.shape[0]
+                im += [iid] * e.shape[0]
+                n += e.shape[0]
+            if r.answer:
+                # position p predicts token p + 1: the answer (and im_end) from <|assistant|> on
+                start = n - len(r.answer)
+                ce = [(start - 1 + j, a) for j, a in enumerate(r.answer)]
+            seqs.append(torch.cat(parts))
+            branches.append(br)
+            imgs.append(im)
+            targets_ce.append(ce)
+        B, S = len(seqs), max(x.shape[0] for x in seqs)
+        D = m.cfg.llm.hidden_size
+        x = torch.zeros(B, S, D)
+        branch = torch.full((B, S), UND, dtype=torch.long)
+        img = torch.full((B, S), -1, dtype=torch.long)
+        valid = torch.zeros(B, S, dtype=torch.bool)
+        for b, (e, br, im) in enumerate(zip(seqs, branches, imgs)):
+            L = e.shape[0]
+            x[b, :L] = e
+            branch[b, :L] = torch.tensor(br)
+            img[b, :L] = torch.tensor(im)
+            valid[b, :L] = True
+        bidir = torch.tensor([r.bidirectional for r in rows])
+        allow = torch.where(
+            bidir[:, None, None], full_mask(img, True, valid), full_mask(img, False, valid)
+        )
+        pos = torch.arange(S)[None].expand(B, S)
+        hidden, _ = m.llm(x, pos, branch, allow)
+
+        out: dict[str, torch.Tensor] = {}
+        ce_idx = [(b, p, a) for b, ce in enumerate(targets_ce) for p, a in ce]
+        if ce_idx:
+            bi = torch.tensor([c[0] for c in ce_idx])
+            pi = torch.tensor([c[1] for c in ce_idx])
+            ai = torch.tensor([c[2] for c in ce_idx])
+            logits = m.lm_head(hidden[bi, pi])
+            out["ce"] = F.cross_entropy(logits, ai)
+            with torch.no_grad():
+                out["tok_acc"] = (logits.argmax(-1) == ai).float().mean()
+        if fm_pos:
+            L = x0.shape[2] * x0.shape[3]
+            rows_h = torch.stack([hidden[b, p : p + L] for b, p, _ in fm_pos])
+            v = m.gen_head(rows_h)
+            vt = v_target[torch.tensor([ti for _, _, ti in fm_pos])]
+            task = [rows[b].task for b, _, _ in fm_pos]
+            per = ((v - vt) ** 2).mean(dim=(1, 2))
+            out["fm"] = per.mean()
+            for name in ("gen", "edit"):
+                sel = torch.tensor([tk == name for tk in task])
+                if sel.any():
+                    out[f"fm_{name}"] = per[sel].mean().detach()
+        return out
+
+
+def _trainable(model: EMMA) -> list[torch.nn.Parameter]:
+    skip = {id(p) for p in model.ae.parameters()}
+    skip |= {id(p) for p in model.vision.trunk.router.parameters()}
+    for e in model.vision.experts[1:]:
+        skip |= {id(p) for p in e.parameters()}
+    return [p for p in model.parameters() if id(p) not in skip]
+
+
+def fix_router(model: EMMA) -> None:
+    """Every image to expert 0 (versatile): constant router logits (1, 0, ...)."""
+    r = model.vision.trunk.router
+    with torch.no_grad():
+        r.fc2.weight.zero_()
+        r.fc2.bias.zero_()
+        r.fc2.bias[0] = 1.0
+    for p in r.parameters():
+        p.requires_grad_(False)
+
+
+def copy_versatile_expert(model: EMMA) -> None:
+    with torch.no_grad():
+        for e in model.vision.experts[1:]:
+            e.load_state_dict(model.vision.experts[0].state_dict())
+
+
+def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: Callable[[dict], None]) -> tuple[int, float]:
+    params = _trainable(model)
+    for p in params:
+        p.requires_grad_(True)
+    opt = _optimizer(params, s.lr, s.weight_decay)
+    stream = Stream(s.seed * 7 + 3)
+    builder = BatchBuilder(model, tokenizer, s, random.Random(s.seed * 7 + 4), torch.Generator().manual_seed(s.seed * 7 + 5))
+    model.train()
+    model.ae.eval()
+    clock = Clock(seconds, s.steps)
+    bar = _Bar("und+gen+edit", s.progress)
+    step = 0
+    ema: dict[str, float] = {}
+    while not clock.done(step):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s.lr, step, clock.progress(step), s.warmup)
+        exs = stream.take(s.batch_und + s.batch_gen + s.batch_edit)
+        und, gen, edit = exs[: s.batch_und], exs[s.batch_und : s.batch_und + s.batch_gen], exs[s.batch_und + s.batch_gen :]
+        losses = builder.forward(*builder.rows(und, gen, edit))
+        loss = losses.get("ce", torch.zeros(())) + s.fm_weight * losses.get("fm", torch.zeros(()))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        for k_, v_ in losses.items():
+            fv = float(v_.detach())
+            ema[k_] = fv if k_ not in ema else 0.95 * ema[k_] + 0.05 * fv
+        bar.update(**{k_: ema[k_] for k_ in ("ce", "tok_acc", "fm_gen", "fm_edit") if k_ in ema})
+        if step % s.log_every == 0:
+            log({"stage": "joint", "step": step, **ema, "t": clock.elapsed()})
+    bar.close()
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return step, clock.elapsed()
+
+
+# ---- entry point ------------------------------------------------------------------------------
+
+
+def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfig | None = None, echo: Callable[[str], None] = print) -> TrainReport:
+    """Train and write ``out/model.safetensors`` (fp16), ``tokenizer.json``, ``config.json`` and
+    ``train.json`` (settings, step counts, loss history)."""
+    from ..tokenizer import byte_level_tokenizer
+    from ..weights.checkpoint import save_checkpoint
+
+    s = settings or TrainSettings()
+    out = Path(out)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    cfg = cfg or get_config(s.config)
+    model = build_model(cfg, seed=s.seed, zero_gen_head=True)
+    fix_router(model)
+    tok = byte_level_tokenizer(cfg.llm.vocab_size)
+    history: list[dict] = []
+
+    def log(rec: dict) -> None:
+        history.append(rec)
+        if not s.progress:
+            echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+
+    t0 = time.perf_counter()
+    total = s.minutes * 60.0
+    ae_steps, ae_s = train_autoencoder(model, s, total * s.ae_share, log)
+    scale, val_psnr = measure_latents(model, s.seed)
+    set_scaling_factor(model, scale)
+    echo(f"autoencoder: {ae_steps} steps in {ae_s:.0f} s, val PSNR {val_psnr:.2f} dB, scaling_factor {scale:.4f}")
+    remaining = max(total - (time.perf_counter() - t0), 1.0)
+    steps, joint_s = train_joint(model, tok, s, remaining, log)
+    last = next((h for h in reversed(history) if h.get("stage") == "joint"), {})
+    echo(f"joint: {steps} steps in {joint_s:.0f} s " + "  ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("stage", "step", "t")))
+    copy_versatile_expert(model)
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, out / "model.safetensors", dtype=torch.float16)
+    tok.save(str(out / "tokenizer.json"))
+    (out / "config.json").write_text(model.cfg.to_json() + "\n")
+    rep = TrainReport(out, time.perf_counter() - t0, ae_s, joint_s, ae_steps, steps, scale, val_psnr, history)
+    (out / "train.json").write_text(
+        json.dumps({"settings": s.to_dict(), **{k: v for k, v in rep.to_dict().items() if k != "out"}}, indent=1) + "\n"
+    )
+    return rep
