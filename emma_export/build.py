@@ -8,6 +8,7 @@ without FP8 tensor cores stops with one line naming what to use instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -26,11 +27,11 @@ from .quantize.policy import PRECISIONS, QUANTIZED
 # changes all later ones: token agreement is a coarse figure there).
 E2E_MIN: dict[str, dict[str, float]] = {
     "fp32": {"token_agreement": 1.0, "psnr_db": 40.0},
-    "fp16": {"token_agreement": 1.0, "psnr_db": 40.0},
-    "bf16": {"token_agreement": 0.5, "psnr_db": 30.0},
-    "int8": {"token_agreement": 0.0, "psnr_db": 15.0},
-    "fp8": {"token_agreement": 0.0, "psnr_db": 15.0},
-    "int4w": {"token_agreement": 0.0, "psnr_db": 15.0},
+    "fp16": {"token_agreement": 1.0, "psnr_db": 40.0},  # measured 1.0, 75 dB
+    "bf16": {"token_agreement": 0.75, "psnr_db": 35.0},  # measured 1.0, 61 dB
+    "int8": {"token_agreement": 0.5, "psnr_db": 25.0},  # measured 1.0, 32.5 dB
+    "fp8": {"token_agreement": 0.5, "psnr_db": 25.0},  # measured 1.0, 32.8 dB
+    "int4w": {"token_agreement": 0.5, "psnr_db": 30.0},  # measured 1.0, 48 dB
 }
 
 
@@ -154,6 +155,46 @@ def build(
     bundle instead of exporting (``emma-export quantize``). ``calibration``: a folder of per-component
     .npz feeds (``emma-export calibrate``) instead of capturing them now."""
     t = resolve_target(target, precision)  # before any work
+    with _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
+        return _build(t, precision=precision, out=out, config_name=config_name, checkpoint=checkpoint, seed=seed,
+                      source_bundle=source_bundle, calibration=calibration, recipe=recipe, calib_samples=calib_samples,
+                      verify=verify, e2e=e2e, engines=engines, force=force, echo=echo, progress=progress)
+
+
+@contextlib.contextmanager
+def _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
+    """The small configs' GEMMs are far too small to share between threads: on a busy machine
+    PyTorch's OpenMP threads then spin against each other (verify of a tiny bundle measured 180 s
+    with 2 threads, 8 s with 1). One thread while the build runs the reference model."""
+    import torch
+
+    try:
+        if source_bundle is not None:
+            from emma_runtime.bundle import Bundle
+
+            hidden = Bundle.load(source_bundle, check_files=False).manifest.model.hidden_size
+        elif checkpoint is not None:
+            from .weights.checkpoint import read_config
+
+            hidden = read_config(checkpoint).llm.hidden_size
+        else:
+            from .config import get_config
+
+            hidden = get_config(config_name or "tiny").llm.hidden_size
+    except Exception:  # noqa: BLE001 - the stages report a bad source properly
+        hidden = 1 << 20
+    small = hidden <= 256
+    before = torch.get_num_threads()
+    if small:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, calibration, recipe, calib_samples,
+           verify, e2e, engines, force, echo, progress) -> BuildReport:
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
@@ -301,6 +342,7 @@ def print_report(rep: BuildReport) -> None:
     total = sum(r.bytes for r in rep.rows)
     tab.add_row("[bold]total", "", f"[bold]{_size(total)}", "", "", "", "")
     con = Console()
+    con = Console(width=max(con.width, 132))  # the table reads badly wrapped (CI logs are 80 wide)
     con.print(tab)
     for k, v in rep.e2e.items():
         fig = f"token agreement {v.get('token_agreement')}" if k == "understand" else f"PSNR {v.get('psnr_db')} dB"

@@ -102,7 +102,7 @@ def quantize(
     reader = feed_reader(feeds, graph)
     kwargs = dict(
         quantize_mode=mode, calibration_data_reader=reader, calibration_eps=["cpu"],
-        nodes_to_exclude=list(nodes_to_exclude or []), op_types_to_exclude=op_types_to_exclude,
+        nodes_to_exclude=resolve_nodes(graph, nodes_to_exclude), op_types_to_exclude=op_types_to_exclude,
         op_types_to_quantize=op_types_to_quantize, log_level="INFO" if verbose else "ERROR",
     )
     if calibration_method:
@@ -131,6 +131,16 @@ def quantize(
         onnx.save_model(m, str(dst))
 
 
+def resolve_nodes(graph: onnx.ModelProto, patterns) -> list[str]:
+    """Node-name patterns (``re.search``, as the policy writes them) -> exact, anchored patterns:
+    Model Optimizer applies ``re.match`` (anchored at the start), which would silently match nothing."""
+    import re
+
+    names = [n.name for n in graph.graph.node]
+    hits = [n for n in names if any(re.search(p, n) for p in (patterns or []))]
+    return [f"^{re.escape(n)}$" for n in hits]
+
+
 def same_shape(feeds: list[Feed]) -> list[Feed]:
     """The largest group of feeds whose activations share a shape (past KV and masks may differ):
     the group holding the most elements in all, so long prefixes beat many one-token steps."""
@@ -140,7 +150,10 @@ def same_shape(feeds: list[Feed]) -> list[Feed]:
     groups: dict = {}
     for f in feeds:
         groups.setdefault(key(f), []).append(f)
-    return max(groups.values(), key=lambda g: sum(sum(v.size for v in f.values()) for f in g))
+    def tokens(f: Feed) -> int:
+        return sum(v.size for k, v in f.items() if not k.startswith("past_") and k not in ("attention_mask", "position_ids"))
+
+    return max(groups.values(), key=lambda g: sum(tokens(f) for f in g))
 
 
 @contextlib.contextmanager
@@ -234,8 +247,7 @@ def fold_weight_quantizers(path: Path) -> int:
                 scale = scale.reshape(shape)
                 zp = zp.reshape(shape)
             if zp_t.data_type == onnx.TensorProto.FLOAT8E4M3FN:
-                q = np.clip(w / scale, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)
-                t = numpy_helper.from_array(np.zeros(0, np.float32), node.output[0])  # placeholder, replaced below
+                q = np.clip(w / scale, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn)  # saturate, as Q does
                 t = onnx.TensorProto()
                 t.name = node.output[0]
                 t.data_type = onnx.TensorProto.FLOAT8E4M3FN
@@ -262,3 +274,46 @@ def fold_weight_quantizers(path: Path) -> int:
     g.initializer.extend(live)
     onnx.save_model(m, str(path))
     return folded
+
+
+def activations_to_uint8(path: Path) -> int:
+    """Activation Q/DQ pairs from int8 (zero point 0) to uint8 (zero point 128): the same values.
+
+    ONNX Runtime rewrites int8 activation Q/DQ to uint8 itself (QDQS8ToU8Transformer) before fusing
+    u8 x s8 integer GEMMs; in ORT 1.2x that rewrite mis-computes the backbone when the KV cache
+    input is empty (a first chunk: rel L2 ~3 instead of 0.04). Written as uint8 in the graph, the
+    transformer has nothing to do. Returns the number of activation quantizers changed."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    init = {i.name: i for i in g.initializer}
+    consumers: dict[str, list] = {}
+    for node in g.node:
+        for i in node.input:
+            consumers.setdefault(i, []).append(node)
+    made: dict[str, str] = {}
+    n = 0
+    for node in g.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] in init or len(node.input) < 3:
+            continue
+        zp = init.get(node.input[2])
+        if zp is None or zp.data_type != onnx.TensorProto.INT8:
+            continue
+        name = node.input[2]
+        if name not in made:
+            z = numpy_helper.to_array(zp).astype(np.int16) + 128
+            new = numpy_helper.from_array(z.astype(np.uint8), name + "_u8")
+            g.initializer.append(new)
+            made[name] = new.name
+        node.input[2] = made[name]
+        for dq in consumers.get(node.output[0], []):
+            if dq.op_type == "DequantizeLinear" and len(dq.input) >= 3 and dq.input[2] == name:
+                dq.input[2] = made[name]
+        n += 1
+    used = {i for nd in g.node for i in nd.input}
+    live = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(live)
+    onnx.save_model(m, str(path))
+    return n

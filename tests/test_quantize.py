@@ -1,0 +1,209 @@
+"""Quantized bundles (issue #9): every precision builds for the cpu target and passes its tolerances,
+the fp8 backbone holds FLOAT8E4M3FN Q/DQ, the policy is recorded, calibration uses real images,
+an FP8 build for a GPU without FP8 stops before any work, and (where TensorRT-RTX imports) an fp8
+rtx-ada build writes an engine per component."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+for _mod in ("modelopt.onnx.quantization", "onnxconverter_common", "ml_dtypes", "skimage"):
+    pytest.importorskip(_mod, reason="the quant extra is not installed (pip install -e '.[quant]')")
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4w")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny GEMMs; on a busy 2-core machine more threads only contend
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def calibration(tmp_path_factory, tiny_reference, tokenizer, one_thread):
+    from emma_export.quantize.calibrate import capture, check_complete, save
+
+    feeds = capture(tiny_reference, tokenizer, "quick")
+    check_complete(tiny_reference.cfg, feeds)
+    d = tmp_path_factory.mktemp("calibration")
+    save(feeds, d)
+    return d, feeds
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tiny_bundle, calibration):
+    """One cpu bundle per precision, quantized from the shared fp32 export."""
+    from emma_export.build import build
+
+    root = tmp_path_factory.mktemp("quantized")
+    out = {}
+    for p in PRECISIONS:
+        out[p] = build(source_bundle=tiny_bundle, precision=p, target="cpu", out=root / f"B_{p}",
+                       calibration=calibration[0], echo=lambda s: None)
+    return out
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+def test_calibration_uses_real_images_and_real_states(calibration, tiny_cfg):
+    from emma_export.quantize.calibrate import PHOTOS, load_photo, to_model_image
+
+    _, feeds = calibration
+    pix = feeds["und_trunk"][0]["pixel_values"]
+    H, W = pix.shape[-2:]
+    # The first understanding image is the first scikit-image photograph, resized: not noise.
+    np.testing.assert_allclose(pix, to_model_image(load_photo(PHOTOS[0]), H, W), atol=1e-6)
+    sizes = {f["pixel_values"].shape[-2:] for f in feeds["und_trunk"]}
+    assert len(sizes) >= 2
+    # Both experts see real trunk features (expert 1 forced on some images).
+    assert feeds["und_expert_0"] and feeds["und_expert_1"]
+    # The backbone is calibrated on real KV caches (past > 0), decode steps and denoising states
+    # at several timesteps, in the graphs' time-major layout.
+    L, Hk, hd = tiny_cfg.llm.num_hidden_layers, tiny_cfg.llm.num_key_value_heads, tiny_cfg.llm.head_dim
+    und = feeds["backbone_und"]
+    assert any(f["past_keys"].shape[0] > 0 and f["inputs_embeds"].shape[1] == 1 for f in und)
+    for f in und + feeds["backbone_gen"]:
+        P, S, B = f["past_keys"].shape[0], f["inputs_embeds"].shape[1], f["inputs_embeds"].shape[0]
+        assert f["past_keys"].shape == (P, L, B, Hk, hd)
+        assert f["attention_mask"].shape == (B, S, P + S) and f["attention_mask"].dtype == bool
+    assert any(f["inputs_embeds"].shape[0] > 1 for f in feeds["backbone_gen"])  # batched CFG
+    ts = {round(float(f["timestep"][0]), 4) for f in feeds["gen_adapter"]}
+    assert 0.0 in ts and len(ts) >= 4  # reference image at t=0, noisy target at every step
+    assert np.abs(feeds["backbone_und"][1]["past_keys"]).max() > 0
+
+
+# ---- every precision --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_precision_builds_and_passes(built, precision):
+    from emma_export.verify import tolerance_for
+    from emma_runtime.bundle import Bundle
+
+    rep = built[precision]
+    assert rep.passed, rep.failures
+    b = Bundle.load(rep.out)
+    m = b.manifest
+    assert m.precision == precision and m.target == "cpu"
+    for row in rep.rows:
+        info = m.components[row.component]
+        assert row.passed, row
+        assert row.tolerance == tolerance_for(row.component, info.precision)
+    # The runtime ran all three tasks on this bundle (end-to-end against the fp32 pipeline).
+    assert set(rep.e2e) == {"understand", "generate", "edit"} and all(v["passed"] for v in rep.e2e.values())
+    report = json.loads((b.root / "build-report.json").read_text())
+    assert report["passed"] and report["precision"] == precision
+
+
+def test_policy_recorded_in_manifest(built):
+    from emma_export.quantize.policy import plan
+    from emma_runtime.bundle import Bundle
+
+    for p in ("int8", "fp8", "int4w", "fp16"):
+        m = Bundle.load(built[p].out).manifest
+        assert set(m.precision_policy) == set(m.components)
+        for name, info in m.components.items():
+            want = plan(name, p, False, None)
+            assert info.precision == want.precision
+            assert m.precision_policy[name].startswith(want.precision)
+        assert m.components["gen_head"].precision == "fp32"
+    fp8 = Bundle.load(built["fp8"].out).manifest
+    assert "/trunk/router/" in fp8.precision_policy["und_trunk"]
+    assert "/gen_adapter/timestep/" in fp8.precision_policy["gen_adapter"]
+    assert fp8.components["backbone_und"].precision == "fp8"
+
+
+def test_fp8_backbone_has_float8_qdq(built):
+    from emma_runtime.bundle import Bundle
+
+    b = Bundle.load(built["fp8"].out)
+    for name in ("backbone_und", "backbone_gen"):
+        m = onnx.load(str(b.path(b.manifest.components[name].file)))
+        init = {i.name: i for i in m.graph.initializer}
+        q = [n for n in m.graph.node if n.op_type == "QuantizeLinear"]
+        dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+        assert q and dq
+        fp8_zp = [n for n in q if init[n.input[2]].data_type == onnx.TensorProto.FLOAT8E4M3FN]
+        assert len(fp8_zp) == len(q)
+        # weights stored as FP8 (folded), not float32 behind a QuantizeLinear
+        assert any(init[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN for n in dq if n.input[0] in init)
+        # IO stays float32 so the runtime feeds what it always feeds
+        assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL) for i in m.graph.input)
+
+
+def test_quantized_graphs_are_smaller(built):
+    size = {p: sum(r.bytes for r in built[p].rows) for p in PRECISIONS}
+    assert size["fp16"] < 0.7 * size["fp32"] and size["bf16"] < 0.7 * size["fp32"]
+    assert size["int8"] < 0.6 * size["fp32"] and size["fp8"] < 0.6 * size["fp32"]
+
+
+# ---- the command line ---------------------------------------------------------------------------
+
+def test_cli_build_default_is_fp8(tmp_path, calibration, one_thread):
+    from click.testing import CliRunner
+
+    from emma_export.cli import main
+
+    out = tmp_path / "B"
+    r = CliRunner().invoke(main, ["build", "--config", "tiny", "--target", "cpu", "--out", str(out), "--quiet",
+                                  "--calibration", str(calibration[0]), "--no-e2e"])
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["precision"] == "fp8" and m["precision_policy"]
+    assert "engine built" in r.output and "backbone_und" in r.output and "n/a (ONNX Runtime)" in r.output
+
+
+@pytest.mark.parametrize("target", ["jetson-orin", "rtx-ampere"])
+def test_fp8_refused_before_any_work(tmp_path, target, monkeypatch):
+    from click.testing import CliRunner
+
+    import emma_export.export.bundle_writer as bw
+    from emma_export.cli import main
+
+    monkeypatch.setattr(bw, "export_bundle", lambda *a, **k: pytest.fail("exported before the precision check"))
+    out = tmp_path / "B"
+    r = CliRunner().invoke(main, ["build", "--config", "tiny", "--precision", "fp8", "--target", target, "--out", str(out)])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.output
+    assert "int8" in lines[0] and "fp16" in lines[0] and "8.9" in lines[0]
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_failed_build_leaves_nothing(tmp_path, tiny_bundle):
+    from emma_export.build import BuildError, build
+
+    empty = tmp_path / "nocal"
+    empty.mkdir()
+    out = tmp_path / "B"
+    with pytest.raises(BuildError):
+        build(source_bundle=tiny_bundle, precision="int8", target="cpu", out=out, calibration=empty, echo=lambda s: None)
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nocal"]
+
+
+# ---- GPU target ---------------------------------------------------------------------------------
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
+def test_fp8_rtx_ada_builds_an_engine_per_component(tmp_path, tiny_bundle, calibration):
+    from emma_export.build import build
+    from emma_runtime.bundle import Bundle
+
+    rep = build(source_bundle=tiny_bundle, precision="fp8", target="rtx-ada", out=tmp_path / "B", calibration=calibration[0],
+                e2e=False, echo=lambda s: None)
+    assert rep.passed, rep.failures
+    b = Bundle.load(rep.out)  # checksums of graphs and engines
+    for name, info in b.manifest.components.items():
+        assert info.engine is not None, name
+        assert info.engine.target == "rtx-ada" and info.engine.compute_capability == "8.9"
+        assert b.path(info.engine.file).stat().st_size > 0
+    # GPU graphs: the rest of the graph in fp16 (TensorRT runs what the graph says)
+    assert b.manifest.components["embed_tokens"].precision == "fp16"
+    assert all(r.engine.startswith("yes") for r in rep.rows)
