@@ -19,20 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from .quantize.policy import PRECISIONS, QUANTIZED
+from .verify_e2e import E2E_MIN
 
 # End-to-end acceptance against the fp32 PyTorch pipeline (tiny, random weights; measured, see the
 # build report): greedy token agreement over 8 tokens and PSNR of generated / edited images.
 # fp32 must match exactly (verify_e2e's own rule); the others are floors with margin below what the
 # tiny model measured (its random weights make logits nearly flat, so one early flipped token
 # changes all later ones: token agreement is a coarse figure there).
-E2E_MIN: dict[str, dict[str, float]] = {
-    "fp32": {"token_agreement": 1.0, "psnr_db": 40.0},
-    "fp16": {"token_agreement": 1.0, "psnr_db": 40.0},  # measured 1.0, 75 dB
-    "bf16": {"token_agreement": 0.75, "psnr_db": 35.0},  # measured 1.0, 61 dB
-    "int8": {"token_agreement": 0.5, "psnr_db": 25.0},  # measured 1.0, 32.5 dB
-    "fp8": {"token_agreement": 0.5, "psnr_db": 25.0},  # measured 1.0, 32.8 dB
-    "int4w": {"token_agreement": 0.5, "psnr_db": 30.0},  # measured 1.0, 48 dB
-}
 
 
 class BuildError(RuntimeError):

@@ -13,7 +13,17 @@ from emma_runtime.sampling import initial_noise
 
 from .model import pipelines as ref
 
-MIN_PSNR_DB = {"fp32": 40.0, "fp16": 30.0, "bf16": 25.0}
+# End-to-end minimums per precision, against the fp32 PyTorch pipeline: greedy-token agreement and
+# image PSNR. fp32 must reproduce the reference (identical tokens, >= 40 dB); the others were set from
+# what `emma-export build` measured on tiny (in the comments), with margin.
+E2E_MIN: dict[str, dict[str, float]] = {
+    "fp32": {"token_agreement": 1.0, "psnr_db": 40.0},
+    "fp16": {"token_agreement": 1.0, "psnr_db": 40.0},  # measured 1.0, 75 dB
+    "bf16": {"token_agreement": 0.75, "psnr_db": 35.0},  # measured 1.0, 61 dB
+    "int8": {"token_agreement": 0.5, "psnr_db": 25.0},  # measured 1.0, 32.5 dB
+    "fp8": {"token_agreement": 0.5, "psnr_db": 25.0},  # measured 1.0, 32.8 dB
+    "int4w": {"token_agreement": 0.5, "psnr_db": 30.0},  # measured 1.0, 48 dB
+}
 PROMPT_UNDERSTAND = "What is in this picture?"
 PROMPT_GENERATE = "a red circle left of a blue square"
 PROMPT_EDIT = "make the circle green"
@@ -50,7 +60,8 @@ def verify_pipelines(bundle: Bundle, model, height: int | None = None, width: in
     L = gh * gw
     pipe = Pipeline(bundle, make_backend("ort", "cpu"))
     tok = pipe.tokenizer
-    min_psnr = MIN_PSNR_DB.get(bundle.manifest.precision, 20.0)
+    floor = E2E_MIN.get(bundle.manifest.precision, {"token_agreement": 0.5, "psnr_db": 20.0})
+    min_psnr = floor["psnr_db"]
     image = test_image(H, W)
     out: dict[str, dict] = {}
 
@@ -58,7 +69,9 @@ def verify_pipelines(bundle: Bundle, model, height: int | None = None, width: in
     r_ref = ref.understand(model, tok, torch.from_numpy(image), PROMPT_UNDERSTAND, max_new_tokens=max_new_tokens)
     n = max(len(r_ref.token_ids), len(r_run.token_ids), 1)
     agree = sum(a == b for a, b in zip(r_ref.token_ids, r_run.token_ids)) / n
-    ok = r_run.token_ids == r_ref.token_ids and r_run.expert == r_ref.expert and r_run.visual_tokens == L == r_ref.visual_tokens
+    exact = floor["token_agreement"] >= 1.0
+    tokens_ok = r_run.token_ids == r_ref.token_ids if exact else agree >= floor["token_agreement"]
+    ok = tokens_ok and (r_run.expert == r_ref.expert or not exact) and r_run.visual_tokens == L == r_ref.visual_tokens
     out["understand"] = {
         "passed": ok, "token_agreement": round(agree, 4), "tokens": len(r_ref.token_ids), "expert": r_run.expert,
         "visual_tokens": r_run.visual_tokens, "expected_visual_tokens": L,
