@@ -239,6 +239,8 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
 
                 model = reference_model(bundle, checkpoint)
                 tok = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer[0])))
+                if echo:
+                    echo(f"calibrate: capturing component inputs from the reference pipelines ({recipe} recipe)")
                 feeds = capture_calibration(model, tok, recipe)
             seconds["calibrate"] = time.perf_counter() - t0
 
@@ -248,6 +250,8 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
         if precision != "fp32":
             from .quantize import quantize_bundle
 
+            if echo:
+                echo(f"quantize: {precision} for target {t.name}")
             for o in quantize_bundle(work, precision, t, feeds, calib_samples=calib_samples):
                 details[o.component] = o.details
         else:
