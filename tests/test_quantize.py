@@ -207,3 +207,22 @@ def test_fp8_rtx_ada_builds_an_engine_per_component(tmp_path, tiny_bundle, calib
     # GPU graphs: the rest of the graph in fp16 (TensorRT runs what the graph says)
     assert b.manifest.components["embed_tokens"].precision == "fp16"
     assert all(r.engine.startswith("yes") for r in rep.rows)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_every_precision_builds_tensorrt_rtx_engines(tmp_path, built, precision):
+    """Every component's graph at every precision parses and compiles for rtx-ada (no GPU needed)."""
+    import shutil
+
+    from emma_export.targets import load_target
+    from emma_export.trt.builder import build_engines
+    from emma_runtime.bundle import Bundle
+
+    b = tmp_path / precision
+    shutil.copytree(built[precision].out, b)
+    results = build_engines(b, load_target("rtx-ada"), echo=lambda s: None)
+    m = Bundle.load(b).manifest
+    assert len(results) == len(m.components)
+    for name, info in m.components.items():
+        assert info.engine is not None and (b / info.engine.file).stat().st_size > 0, name
