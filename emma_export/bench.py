@@ -52,6 +52,7 @@ class BenchReport:
     tokens: dict[str, dict[str, int]] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=dict)
     cfg_modes: dict[str, float] = field(default_factory=dict)
+    understand_tokens: dict[str, int] = field(default_factory=dict)  # who -> tokens decoded per understand
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -206,6 +207,7 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
     except ImportError:
         pass
     rep.machine["cuda"] = torch.cuda.is_available()
+    rep.machine["gpu_backends"] = _gpu_backends()
     px = cfg.image_size
     gh, gw = cfg.grid(px, px)
     image = test_image(px, px)
@@ -223,6 +225,8 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
         if "understand" in tasks:
             t["understand_prefill"] = Timing.of(lambda: side.understand_prefill(image), repeat)
             t["understand"] = Timing.of(lambda: side.understand(image, decode_tokens), repeat)
+            # the same work on both sides or the ratio means nothing: greedy, so both stop at the same token
+            rep.understand_tokens[who] = len(side.understand(image, decode_tokens).token_ids)
         if "generate" in tasks:
             t["denoise_step"] = Timing.of(side.denoise_step_at(px), repeat * 3)
             t["generate"] = Timing.of(lambda: side.generate(noise, steps), repeat)
@@ -247,6 +251,27 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
             rep.cfg_modes[mode] = Timing.of(lambda: s.generate(noise, steps), repeat).median_s
     rep.ratios = _ratios(rep)
     return rep
+
+
+def _gpu_backends() -> dict[str, object]:
+    """What a GPU run could use here, recorded with every report (this CPU-only bench times none of it)."""
+    out: dict[str, object] = {"torch_cuda": torch.cuda.is_available()}
+    if torch.cuda.is_available():
+        out["gpu"] = torch.cuda.get_device_name(0)
+    try:
+        import onnxruntime
+
+        out["ort_cuda"] = "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+        out["ort_tensorrt"] = "TensorrtExecutionProvider" in onnxruntime.get_available_providers()
+    except ImportError:
+        out["ort_cuda"] = out["ort_tensorrt"] = False
+    for mod in ("tensorrt", "tensorrt_rtx"):
+        try:
+            m = __import__(mod)
+            out[mod] = getattr(m, "__version__", "yes")
+        except Exception:  # noqa: BLE001 - absent or broken: either way not usable
+            out[mod] = False
+    return out
 
 
 def _ratios(rep: BenchReport) -> dict[str, float]:

@@ -57,6 +57,9 @@ class BuildReport:
     failures: list[str] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
     quantize_details: dict = field(default_factory=dict)
+    # shapes world (a model trained on it): held-out task figures of this bundle on the runtime, the
+    # fp32 PyTorch reference's on the same scenes and noise, and the change (points; AE in dB)
+    tasks: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -69,6 +72,8 @@ class BuildReport:
 
 
 def _json_safe(x):
+    if hasattr(x, "item") and getattr(x, "ndim", None) == 0:  # numpy scalars (np.bool_ from a comparison)
+        x = x.item()
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
@@ -143,6 +148,7 @@ def build(
     force: bool = False,
     echo: Callable[[str], None] = print,
     progress: bool = False,
+    task_eval_n: int = 50,
 ) -> BuildReport:
     """One bundle of ``precision`` for ``target`` at ``out``. ``source_bundle``: start from this fp32
     bundle instead of exporting (``emma-export quantize``). ``calibration``: a folder of per-component
@@ -151,7 +157,8 @@ def build(
     with _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
         return _build(t, precision=precision, out=out, config_name=config_name, checkpoint=checkpoint, seed=seed,
                       source_bundle=source_bundle, calibration=calibration, recipe=recipe, calib_samples=calib_samples,
-                      verify=verify, e2e=e2e, engines=engines, force=force, echo=echo, progress=progress)
+                      verify=verify, e2e=e2e, engines=engines, force=force, echo=echo, progress=progress,
+                      task_eval_n=task_eval_n)
 
 
 @contextlib.contextmanager
@@ -187,7 +194,7 @@ def _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
 
 
 def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, calibration, recipe, calib_samples,
-           verify, e2e, engines, force, echo, progress) -> BuildReport:
+           verify, e2e, engines, force, echo, progress, task_eval_n=0) -> BuildReport:
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
@@ -295,6 +302,13 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
                         e2e_ok = False
                         failures.append(f"e2e {k}: {'token agreement' if k == 'understand' else 'PSNR'} {figure} < {need}")
                 seconds["e2e"] = time.perf_counter() - t0
+        tasks: dict = {}
+        if verify and task_eval_n > 0 and cfg_name == "shapes":
+            t0 = time.perf_counter()
+            if echo:
+                echo(f"evaluate: shapes-world held-out suite, n={task_eval_n}, runtime and fp32 reference")
+            tasks = _task_figures(work, checkpoint, task_eval_n)
+            seconds["evaluate"] = time.perf_counter() - t0
         m = bundle.manifest
         for name, info in m.components.items():
             r = comps.get(name)
@@ -302,7 +316,7 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
             eng = engine_state.get(name) or engine_state.get("*") or ("n/a (ONNX Runtime)" if not t.is_gpu else "no")
             rows.append(Row(name, info.precision, size, None if r is None else r.rel_l2, None if r is None else r.tolerance,
                             None if r is None else r.passed, eng, m.precision_policy.get(name, "")))
-        report = BuildReport(str(out), cfg_name, precision, t.name, rows, e2e_res, e2e_ok, verify_ok, failures, seconds, details)
+        report = BuildReport(str(out), cfg_name, precision, t.name, rows, e2e_res, e2e_ok, verify_ok, failures, seconds, details, tasks)
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not force:
             raise BuildError("verify failed, nothing written: " + "; ".join(failures[:4]) + (" ..." if len(failures) > 4 else ""))
@@ -312,6 +326,19 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
         return report
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _task_figures(bundle_dir: Path, checkpoint, n: int) -> dict:
+    """What users see, for this precision: the held-out suite through the bundle and through the
+    fp32 PyTorch reference (same scenes, same initial noise), and the change against fp32."""
+    from .shapes.evaluate import evaluate, headline
+
+    ck = None
+    if checkpoint:
+        ck = Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else Path(checkpoint)
+    res = evaluate(bundle_dir, n=n, seed=0, reference=True, checkpoint=ck, ceiling=False)
+    return {"n": n, "split": res["split"], "runtime": headline(res["runtime"]), "fp32_reference": headline(res["reference"]),
+            "change_vs_fp32": res["delta"]}
 
 
 def _retarget(bundle_dir: Path, target: str) -> None:
@@ -344,6 +371,17 @@ def print_report(rep: BuildReport) -> None:
     for k, v in rep.e2e.items():
         fig = f"token agreement {v.get('token_agreement')}" if k == "understand" else f"PSNR {v.get('psnr_db')} dB"
         con.print(f"e2e {k} vs fp32 pipeline: {fig} (min {v.get('min')}){'' if v.get('passed') else '  [red]FAILED'}")
+    if rep.tasks:
+        tt = Table(title=f"shapes world, held-out n={rep.tasks['n']}: {rep.precision} runtime against the fp32 reference")
+        for col in ("task", rep.precision, "fp32 reference", "change"):
+            tt.add_column(col, justify="left" if col == "task" else "right")
+        for k, v in rep.tasks["runtime"].items():
+            ref, d = rep.tasks["fp32_reference"][k], rep.tasks["change_vs_fp32"][k]
+            if k == "ae_psnr":
+                tt.add_row("autoencoder PSNR", f"{v:.2f} dB", f"{ref:.2f} dB", f"{d:+.2f} dB")
+            else:
+                tt.add_row(k, f"{v:.3f}", f"{ref:.3f}", f"{d:+.1f} pts")
+        con.print(tt)
     con.print("  ".join(f"{k} {v:.1f}s" for k, v in rep.seconds.items()))
 
 

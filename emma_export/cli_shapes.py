@@ -66,3 +66,41 @@ def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, json_out, threads, 
     if json_out:
         write_json(res, json_out)
         click.echo(f"wrote {json_out}")
+
+
+@main.command("world")
+@click.option("--split", type=click.Choice(["train", "val", "heldout"]), default="heldout", show_default=True)
+@click.option("--index", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG of the scene; each edit's target is written beside it as <stem>.edit<k>.png.")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Caption, questions and answers, edit instructions.")
+def world_cmd(split, index, seed, out, json_out):
+    """Render one scene of the shapes world with its caption, questions (and answers) and edits:
+    prompts and images to try `emma-run` on, with the answers it should give."""
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from .shapes import world
+
+    ex = world.make_example(split, index, seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(ex.image).save(out)
+    click.echo(f"{out}: {split} scene {index} (seed {seed})")
+    click.echo(f"caption: {ex.caption_detailed}")
+    for qa in ex.qas:
+        click.echo(f"question: {qa.question}  ->  {qa.answer}")
+    edits = []
+    for k, e in enumerate(ex.edits):
+        tgt = out.with_name(f"{out.stem}.edit{k}.png")
+        Image.fromarray(world.render(e.target_scene)).save(tgt)
+        click.echo(f"edit: {e.instruction}  ->  {tgt}")
+        edits.append({"instruction": e.instruction, "op": e.op, "target": str(tgt)})
+    if json_out:
+        Path(json_out).write_text(json.dumps({
+            "split": split, "index": index, "seed": seed, "image": str(out), "caption": ex.caption,
+            "caption_detailed": ex.caption_detailed,
+            "questions": [{"question": q.question, "answer": q.answer, "type": q.qtype} for q in ex.qas],
+            "edits": edits}, indent=2) + "\n")

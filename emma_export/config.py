@@ -332,9 +332,10 @@ def _shapes() -> EMMAConfig:
             attention_head_dim=16,
             encoder_block_types=("ResBlock",) * 6,
             decoder_block_types=("ResBlock",) * 6,
-            encoder_block_out_channels=(16, 32, 64, 64, 128, 128),
-            decoder_block_out_channels=(16, 32, 64, 64, 128, 128),
-            encoder_layers_per_block=(1, 1, 1, 1, 1, 1),
+            encoder_block_out_channels=(8, 16, 32, 64, 128, 128),
+            decoder_block_out_channels=(8, 16, 32, 64, 128, 128),
+            # no full-resolution encoder stage: the input conv + pixel unshuffle go straight to 32x32
+            encoder_layers_per_block=(0, 1, 1, 1, 1, 1),
             decoder_layers_per_block=(1, 1, 1, 1, 1, 1),
             encoder_qkv_multiscales=((),) * 6,
             decoder_qkv_multiscales=((),) * 6,

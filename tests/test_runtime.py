@@ -63,6 +63,9 @@ def test_batched_and_sequential_cfg_agree(tiny_bundle):
     a = Pipeline.load(tiny_bundle, cfg_mode="batch").generate("a cat", noise=noise)
     b = Pipeline.load(tiny_bundle, cfg_mode="sequential").generate("a cat", noise=noise)
     np.testing.assert_allclose(a.latents, b.latents, atol=1e-5)
+    assert Pipeline.load(tiny_bundle).cfg_mode == "batch"  # the measured-faster default (emma-bench)
+    with pytest.raises(ValueError, match="cfg_mode"):
+        Pipeline.load(tiny_bundle, cfg_mode="both")
 
 
 def test_decode_writes_into_the_preallocated_cache(tiny_bundle):

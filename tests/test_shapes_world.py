@@ -166,3 +166,42 @@ def test_add_noise_is_seeded():
     a = add_noise(img, 8.0, np.random.default_rng(1))
     b = add_noise(img, 8.0, np.random.default_rng(1))
     assert np.array_equal(a, b) and not np.array_equal(a, img)
+
+
+def test_word_merging_tokenizer_one_token_per_world_word():
+    from emma_export.tokenizer import word_merging_tokenizer
+
+    words = world.vocabulary()
+    assert {"red", "circle", "colour", "remove", "above"} <= set(words)
+    tok = word_merging_tokenizer(words, 512)
+    for w in words:
+        assert len(tok.encode(w).ids) == 1, w
+        assert tok.decode(tok.encode(w).ids).strip() == w
+    for ex in world.dataset("heldout", 20, seed=1):
+        for text in [ex.caption_detailed, *(q.question for q in ex.qas), *(e.instruction for e in ex.edits)]:
+            ids = tok.encode(text).ids
+            assert len(ids) <= 12 and tok.decode(ids).strip() == text
+    # anything else still encodes, byte by byte
+    assert tok.decode(tok.encode("Zebra crossing, 42!").ids).strip() == "Zebra crossing, 42!"
+    with pytest.raises(ValueError, match="too small"):
+        word_merging_tokenizer(words, 300)
+
+
+def test_world_command_writes_scene_and_edit_targets(tmp_path):
+    import json
+
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from emma_export.cli import main
+
+    out = tmp_path / "scene.png"
+    r = CliRunner().invoke(main, ["world", "--split", "heldout", "--index", "4", "--out", str(out), "--json", str(tmp_path / "s.json")])
+    assert r.exit_code == 0, r.output
+    ex = world.make_example("heldout", 4, 0)
+    assert np.array_equal(np.asarray(Image.open(out)), ex.image)
+    d = json.loads((tmp_path / "s.json").read_text())
+    assert d["caption_detailed"] == ex.caption_detailed and f"caption: {ex.caption_detailed}" in r.output
+    assert [q["answer"] for q in d["questions"]] == [q.answer for q in ex.qas]
+    for e, pair in zip(d["edits"], ex.edits):
+        assert np.array_equal(np.asarray(Image.open(e["target"])), world.render(pair.target_scene))

@@ -119,7 +119,7 @@ def understand(
         cache = cache.append(new.keys, new.values)
         pos += 1
         logits = model.lm_head(hidden[:, -1])[0].numpy()
-    return UnderstandResult(tokenizer.decode(out), out, chosen, prefix.visual_tokens)
+    return UnderstandResult(tokenizer.decode(out).strip(), out, chosen, prefix.visual_tokens)
 
 
 @torch.no_grad()

@@ -102,6 +102,17 @@ EDIT_TEMPLATES: dict[str, str] = {
 }
 
 
+
+def vocabulary() -> list[str]:
+    """Every word the world's captions, questions, answers and instructions use (sorted)."""
+    texts = [*COLOURS, *KINDS, *SIZES, *POSITIONS, *NUMBERS, "yes", "no", "and", "a", "nothing"]
+    texts += [*RELATIONS.values(), *POSITION_PHRASES.values(), *QUESTION_TEMPLATES.values(), *EDIT_TEMPLATES.values()]
+    words = set()
+    for t in texts:
+        for w in re.findall(r"[a-z]+", re.sub(r"\{\w+\}", " ", t)):
+            words.add(w)
+    return sorted(words)
+
 # ----------------------------------------------------------------------------------------------
 # Data types
 # ----------------------------------------------------------------------------------------------

@@ -71,6 +71,9 @@ class Pipeline:
         self.dims = bundle.manifest.model
         self.backend = backend
         self.quiet = quiet
+        # "batch" (the guidance prefixes as one padded batch per step) is the default: measured on the
+        # 2-core CPU with the small fp32 bundle, 1.08x faster for generate and 1.05-1.16x for edit than
+        # one call per prefix (emma-bench's cfg_batch_vs_sequential), and fewer launches on a GPU.
         if cfg_mode not in ("batch", "sequential"):
             raise ValueError("cfg_mode must be 'batch' or 'sequential'")
         self.cfg_mode = cfg_mode
@@ -213,7 +216,7 @@ class Pipeline:
             bar.update()
         bar.close()
         t2 = time.perf_counter()
-        text = self.tokenizer.decode(out)
+        text = self.tokenizer.decode(out).strip()  # word-merging tokenizers decode with a leading space
         timings = {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": len(out),
                    "decode_per_token_s": (t2 - t1) / max(len(out), 1)}
         return UnderstandOutput(text, out, info["expert"], info["visual_tokens"], timings)

@@ -3,6 +3,7 @@ KV cache is read and written in place instead of being copied through Python eve
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -22,6 +23,14 @@ class OrtSession:
         if not graph_optimizations:
             so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.log_severity_level = 3
+        # A pipeline runs its ~13 sessions in turn, a few ms each, and every session owns an intra-op
+        # pool whose threads spin after each run: on a machine with few cores those spinners take the
+        # cores from the next session's run. Off by default; EMMA_ORT_SPIN=1 turns it back on and
+        # EMMA_ORT_THREADS sets the pool size (emma-bench measures both ways).
+        if os.environ.get("EMMA_ORT_SPIN", "0") != "1":
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if os.environ.get("EMMA_ORT_THREADS"):
+            so.intra_op_num_threads = int(os.environ["EMMA_ORT_THREADS"])
         self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
         self.name = name
         self.input_names = [i.name for i in self.sess.get_inputs()]

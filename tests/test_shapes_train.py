@@ -1,0 +1,134 @@
+"""The trained shapes-world EMMA (issue #10): training smoke run, evaluation, and the shipped checkpoint's
+held-out quality through the runtime and the reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "checkpoints" / "shapes"
+
+# Floors for n=20 held-out scenes, well below what the shipped checkpoint measures at n=100 (understanding
+# 0.787, generation 0.42, edit 0.44, AE 36.2 dB; the issue's targets 0.85 / 0.9 / 0.8 / 30 dB are not all met,
+# see README): a broken export, checkpoint or pipeline (random weights: generation and edit ~0) falls below.
+FLOORS = {"generation": 0.2, "understanding": 0.65, "edit": 0.2, "ae_psnr": 33.0}
+
+
+def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
+    from emma_export.shapes.train import TrainSettings, train
+    from emma_export.weights.checkpoint import load_checkpoint
+
+    s = TrainSettings(ae_steps=2, steps=2, ae_batch=4, batch_und=2, batch_gen=2, batch_edit=2, measure_n=8, progress=False, seed=3)
+    rep = train(tmp_path / "ck", s, echo=lambda *_: None)
+    assert rep.ae_steps == 2 and rep.steps == 2
+    f = tmp_path / "ck" / "model.safetensors"
+    assert f.stat().st_size < 8e6
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as h:
+        assert all(h.get_tensor(k).dtype == torch.float16 for k in h.keys() if h.get_tensor(k).is_floating_point())
+    model = load_checkpoint(f)
+    assert model.cfg.name == "shapes"
+    assert model.cfg.ae.scaling_factor == pytest.approx(rep.scaling_factor, rel=1e-6)
+    # the STEM expert is the versatile one and the router always picks expert 0
+    e0, e1 = model.vision.experts[0].state_dict(), model.vision.experts[1].state_dict()
+    assert all(torch.equal(e0[k], e1[k]) for k in e0)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert model.vision(x)[1].tolist() == [0, 0]
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    assert cfg["name"] == "shapes"
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tmp_path / "ck" / "tokenizer.json"))
+    assert tok.token_to_id("<|im_end|>") is not None
+    # same seed and step counts: the same weights
+    rep2 = train(tmp_path / "ck2", s, echo=lambda *_: None)
+    assert (tmp_path / "ck2" / "model.safetensors").read_bytes() == f.read_bytes()
+    assert rep2.steps == 2
+
+
+@pytest.fixture(scope="module")
+def shipped_bundle(tmp_path_factory):
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.skip("no shipped checkpoint at checkpoints/shapes")
+    from emma_export.export.bundle_writer import export_bundle
+    from emma_export.export.source import WeightSource
+
+    out = tmp_path_factory.mktemp("shapes") / "bundle"
+    export_bundle(WeightSource.from_args(None, str(SHIPPED / "model.safetensors"), 0), out, progress=False,
+                  tokenizer_file=SHIPPED / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def shipped_eval(shipped_bundle):
+    from emma_export.shapes.evaluate import evaluate
+
+    torch.set_num_threads(2)
+    return evaluate(shipped_bundle, n=20, seed=0, reference=True)
+
+
+def test_shipped_checkpoint_files():
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.skip("no shipped checkpoint at checkpoints/shapes")
+    from emma_export.weights.checkpoint import read_config
+
+    assert (SHIPPED / "model.safetensors").stat().st_size < 8e6
+    assert read_config(SHIPPED / "model.safetensors").name == "shapes"
+    assert (SHIPPED / "tokenizer.json").exists() and (SHIPPED / "config.json").exists()
+
+
+def test_evaluation_table_fields(shipped_eval):
+    from emma_export.shapes.evaluate import table_rows
+
+    r = shipped_eval
+    for side in ("runtime", "reference"):
+        s = r[side]
+        assert set(s) >= {"understanding", "generation", "edit", "ae"}
+        assert {"count", "colour", "shape", "position", "size", "presence"} <= set(s["understanding"]["per_type"])
+        assert {"colour", "shape", "position", "all"} <= set(s["generation"])
+        assert {"success", "per_op", "untouched_psnr"} <= set(s["edit"])
+        assert s["understanding"]["questions"] > 20 * 5
+    assert r["detector_ceiling"]["all"] >= 0.95
+    names = [row[0] for row in table_rows(r)]
+    assert "generation all" in names and "edit success" in names and "AE PSNR" in names
+    assert all(len(row) == 5 for row in table_rows(r))  # metric, runtime, reference, target, ceiling
+    json.dumps(r)  # JSON-ready
+
+
+@pytest.mark.parametrize("side", ["runtime", "reference"])
+def test_shipped_checkpoint_quality_floors(shipped_eval, side):
+    from emma_export.shapes.evaluate import headline
+
+    h = headline(shipped_eval[side])
+    for k, floor in FLOORS.items():
+        assert h[k] >= floor, f"{side} {k} = {h[k]:.3f} < {floor}"
+
+
+def test_runtime_and_reference_agree(shipped_eval):
+    d = shipped_eval["delta"]
+    # n = 20: one scene is 5 points, so allow one disagreeing scene per task (questions are many more)
+    assert abs(d["understanding"]) <= 2.0
+    assert abs(d["generation"]) <= 5.0 and abs(d["edit"]) <= 5.0
+    assert abs(d["ae_psnr"]) <= 0.1
+
+
+def test_build_report_has_task_figures_against_fp32(tmp_path):
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.skip("no shipped checkpoint at checkpoints/shapes")
+    from emma_export.build import build
+
+    rep = build(checkpoint=str(SHIPPED), precision="fp32", target="cpu", out=tmp_path / "b", task_eval_n=4, echo=None)
+    t = rep.tasks
+    assert t["n"] == 4 and set(t["runtime"]) == {"understanding", "generation", "edit", "ae_psnr"}
+    for k, v in t["runtime"].items():
+        d = (v - t["fp32_reference"][k]) * (1 if k == "ae_psnr" else 100)
+        assert t["change_vs_fp32"][k] == pytest.approx(d)
+    # fp32 runtime against the fp32 reference: the same scenes, the same noise, the same answers
+    assert abs(t["change_vs_fp32"]["understanding"]) <= 4.0 and abs(t["change_vs_fp32"]["ae_psnr"]) < 0.1
+    saved = json.loads((tmp_path / "b" / "build-report.json").read_text())
+    assert saved["tasks"]["n"] == 4
