@@ -64,6 +64,8 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
         details["reduced_range_weights"] = modelopt_driver.reduce_weight_range(dst)
     if mode in ("int8", "fp8"):
         details["folded_weights"] = modelopt_driver.fold_weight_quantizers(dst)
+    if mode == "int8" and p.reduce_range:  # the cpu target (ONNX Runtime's integer kernels)
+        details["uint8_activations"] = modelopt_driver.activations_to_uint8(dst)
     if mode == "int4" and p.high_precision == "fp16":
         tmp = dst.with_suffix(".fp16.onnx")
         fp16.convert_fp16(dst, tmp, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",))
