@@ -43,10 +43,12 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, threads, quiet):
 @click.option("--checkpoint", type=click.Path(exists=True), default=None, help="Reference weights (default: the manifest's source checkpoint).")
 @click.option("--n", "n", type=int, default=100, show_default=True, help="Held-out scenes.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--split", type=click.Choice(["heldout", "val"]), default="heldout", show_default=True,
+              help="val: scenes of the training distribution, to separate generalisation from learning.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full results as JSON.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch threads for the reference.")
 @click.option("--quiet", is_flag=True)
-def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, json_out, threads, quiet):
+def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, split, json_out, threads, quiet):
     """Held-out shapes-world suite: understanding, generation, editing, autoencoder PSNR."""
     from emma_runtime.bundle import BundleError
 
@@ -59,7 +61,7 @@ def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, json_out, threads, 
 
         torch.set_num_threads(threads)
     try:
-        res = evaluate(bundle_dir, n=n, seed=seed, reference=reference, checkpoint=checkpoint, progress=not quiet and sys.stderr.isatty())
+        res = evaluate(bundle_dir, n=n, seed=seed, reference=reference, checkpoint=checkpoint, progress=not quiet and sys.stderr.isatty(), split=split)
     except (BundleError, ValueError) as e:
         _fail(str(e))
     print_table(res, echo=click.echo)

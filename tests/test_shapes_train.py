@@ -132,3 +132,13 @@ def test_build_report_has_task_figures_against_fp32(tmp_path):
     assert abs(t["change_vs_fp32"]["understanding"]) <= 4.0 and abs(t["change_vs_fp32"]["ae_psnr"]) < 0.1
     saved = json.loads((tmp_path / "b" / "build-report.json").read_text())
     assert saved["tasks"]["n"] == 4
+
+
+def test_evaluate_on_the_val_split(shipped_bundle):
+    from emma_export.shapes import world
+    from emma_export.shapes.evaluate import evaluate
+
+    r = evaluate(shipped_bundle, n=3, seed=0, split="val", ceiling=False)
+    assert r["split"] == "val" and r["runtime"]["generation"]["n"] == 3
+    # val scenes never hold a held-out pair, held-out ones always do
+    assert not world.iter_pairs(e.scene for e in world.dataset("val", 3, seed=0)) & world.HELDOUT_PAIRS
