@@ -12,15 +12,22 @@ from .config import SPECIAL_TOKENS
 
 
 def byte_level_tokenizer(vocab_size: int) -> Tokenizer:
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < 256 + len(SPECIAL_TOKENS):
+        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer")
+    return _byte_bpe(_byte_vocab(), [], add_prefix_space=False)
+
+
+def _byte_vocab() -> dict[str, int]:
     # ByteLevel maps byte b to a printable character; order the vocabulary by byte value.
     byte_to_char = _bytes_to_unicode()
     vocab = {byte_to_char[b]: b for b in range(256)}
-    assert set(vocab) == set(alphabet)
-    if vocab_size < 256 + len(SPECIAL_TOKENS):
-        raise ValueError(f"vocab_size {vocab_size} is too small for a byte-level tokenizer")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    assert set(vocab) == set(pre_tokenizers.ByteLevel.alphabet())
+    return vocab
+
+
+def _byte_bpe(vocab: dict[str, int], merges: list[tuple[str, str]], add_prefix_space: bool) -> Tokenizer:
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space, use_regex=add_prefix_space)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
@@ -48,7 +55,7 @@ def word_merging_tokenizer(words: list[str], vocab_size: int) -> Tokenizer:
     space (``add_prefix_space``), so "red" is the same token at the start and inside a sentence.
     """
     byte_to_char = _bytes_to_unicode()
-    vocab = {byte_to_char[b]: b for b in range(256)}
+    vocab = _byte_vocab()
     merges: list[tuple[str, str]] = []
     space = byte_to_char[ord(" ")]
     for word in sorted(set(words)):
@@ -63,8 +70,4 @@ def word_merging_tokenizer(words: list[str], vocab_size: int) -> Tokenizer:
             piece = merged
     if len(vocab) + len(SPECIAL_TOKENS) > vocab_size:
         raise ValueError(f"vocab_size {vocab_size} is too small: {len(vocab)} tokens + {len(SPECIAL_TOKENS)} special")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return _byte_bpe(vocab, merges, add_prefix_space=True)

@@ -225,8 +225,8 @@ def test_every_precision_builds_tensorrt_rtx_engines(tmp_path, built, precision,
         # the cpu target's INT8 graphs carry uint8 activations for ONNX Runtime; TensorRT gets its own
         # int8 build (int8 Q/DQ as ModelOpt writes it), and the cpu form is refused by its parser
         build(source_bundle=tiny_bundle, precision="int8", target="rtx-ada", out=b, calibration=calibration[0], echo=lambda s: None)
+        shutil.copytree(built["int8"].out, tmp_path / "cpu_int8")
         with pytest.raises(Exception, match="zero point"):
-            shutil.copytree(built["int8"].out, tmp_path / "cpu_int8")
             build_engines(tmp_path / "cpu_int8", load_target("rtx-ada"), echo=lambda s: None)
     else:
         shutil.copytree(built[precision].out, b)

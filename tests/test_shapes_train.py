@@ -142,3 +142,12 @@ def test_evaluate_on_the_val_split(shipped_bundle):
     assert r["split"] == "val" and r["runtime"]["generation"]["n"] == 3
     # val scenes never hold a held-out pair, held-out ones always do
     assert not world.iter_pairs(e.scene for e in world.dataset("val", 3, seed=0)) & world.HELDOUT_PAIRS
+
+
+def test_evaluate_refuses_a_bundle_not_trained_on_the_world(tiny_bundle):
+    from click.testing import CliRunner
+
+    from emma_export.cli import main
+
+    r = CliRunner().invoke(main, ["evaluate", "--bundle", str(tiny_bundle), "--n", "1"])
+    assert r.exit_code != 0 and "config 'shapes'" in r.output and len(r.output.strip().splitlines()) == 1

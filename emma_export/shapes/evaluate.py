@@ -24,20 +24,14 @@ from typing import Callable
 
 import numpy as np
 
+from emma_runtime.images import to_model as _to_model
+from emma_runtime.images import to_uint8 as _to_uint8
+
 from . import world
 from .detector import detect, detector_ceiling, scene_matches
 
 GEN_KEYS = ("colour", "shape", "position", "size", "count", "all", "all_with_size")
 TARGETS = {"understanding": 0.85, "generation": 0.9, "edit": 0.8, "ae_psnr": 30.0}
-
-
-def _to_model(rgb: np.ndarray) -> np.ndarray:
-    return (np.asarray(rgb, dtype=np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None].copy()
-
-
-def _to_uint8(image: np.ndarray) -> np.ndarray:
-    x = np.clip((np.asarray(image, dtype=np.float32)[0].transpose(1, 2, 0) + 1.0) * 127.5, 0, 255)
-    return np.round(x).astype(np.uint8)
 
 
 def _mse(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, int]:
@@ -155,6 +149,13 @@ def _bar(total: int, desc: str, enabled: bool):
     return None
 
 
+def _rates(groups: dict[str, list[int]]) -> tuple[float, dict[str, float], int]:
+    """0/1 outcomes per group -> (overall rate, rate per group, count)."""
+    allv = [v for vs in groups.values() for v in vs]
+    overall = float(np.mean(allv)) if allv else float("nan")
+    return overall, {k: float(np.mean(v)) for k, v in sorted(groups.items())}, len(allv)
+
+
 def run_suite(side, examples: list[world.Example], seed: int, progress: bool = False) -> dict:
     """Every metric of one side on the given held-out examples."""
     from emma_runtime.sampling import initial_noise
@@ -176,11 +177,11 @@ def run_suite(side, examples: list[world.Example], seed: int, progress: bool = F
                 wrong.append({"question": qa.question, "answer": qa.answer, "got": got})
             bar and bar.update(1)
     bar and bar.close()
-    total = [v for vs in per.values() for v in vs]
+    exact, per_type, total = _rates(per)
     out["understanding"] = {
-        "exact": float(np.mean(total)) if total else float("nan"),
-        "per_type": {k: float(np.mean(v)) for k, v in sorted(per.items())},
-        "questions": len(total),
+        "exact": exact,
+        "per_type": per_type,
+        "questions": total,
         "examples_wrong": wrong,
     }
     t1 = time.perf_counter()
@@ -216,12 +217,12 @@ def run_suite(side, examples: list[world.Example], seed: int, progress: bool = F
         sse, cnt = sse + s_, cnt + c_
         bar and bar.update(1)
     bar and bar.close()
-    allv = [v for vs in ok_ops.values() for v in vs]
+    success, per_op, total = _rates(ok_ops)
     out["edit"] = {
-        "success": float(np.mean(allv)) if allv else float("nan"),
-        "per_op": {k: float(np.mean(v)) for k, v in sorted(ok_ops.items())},
+        "success": success,
+        "per_op": per_op,
         "untouched_psnr": _psnr_from(sse, cnt),
-        "n": len(allv),
+        "n": total,
     }
     t3 = time.perf_counter()
 
@@ -263,6 +264,9 @@ def evaluate(
     two is what fails to generalise."""
     from emma_runtime.bundle import Bundle
 
+    name = Bundle.load(bundle, check_files=False).manifest.config_name
+    if name != "shapes":
+        raise ValueError(f"{bundle}: a '{name}' bundle; the shapes-world suite needs a model trained on it (config 'shapes')")
     examples = world.dataset(split, n, seed=seed)
     rt = RuntimeSide(bundle)
     res: dict = {"bundle": str(bundle), "n": n, "seed": seed, "split": split, "targets": TARGETS}

@@ -471,8 +471,7 @@ def init_adapters_for_scratch(model: EMMA) -> None:
     features going in 94-97%). Upstream-initialised models keep 0.02; this is for training from scratch.
     """
     gen = torch.Generator().manual_seed(1234)
-    for ad in (model.und_adapter.fused if hasattr(model.und_adapter, "fused") else model.und_adapter,
-               model.gen_adapter.fused, model.gen_adapter.timestep):
+    for ad in (model.und_adapter, model.gen_adapter):
         for mod in ad.modules():
             if isinstance(mod, torch.nn.Linear):
                 with torch.no_grad():
