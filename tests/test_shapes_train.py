@@ -13,9 +13,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "shapes"
 
 # Floors for n=20 held-out scenes, well below what the shipped checkpoint measures at n=100 (understanding
-# 0.787, generation 0.42, edit 0.44, AE 36.2 dB; the issue's targets 0.85 / 0.9 / 0.8 / 30 dB are not all met,
+# 0.828, generation 0.66, edit 0.52, AE 28.6 dB; the issue's targets 0.85 / 0.9 / 0.8 / 30 dB are not met,
 # see README): a broken export, checkpoint or pipeline (random weights: generation and edit ~0) falls below.
-FLOORS = {"generation": 0.2, "understanding": 0.65, "edit": 0.2, "ae_psnr": 33.0}
+FLOORS = {"generation": 0.35, "understanding": 0.7, "edit": 0.25, "ae_psnr": 26.0}
+# jitter_share of the shipped autoencoder measures 0.023 / 0.041 (one / two shapes); the previous one,
+# trained without the smoothness term, 0.31 / 0.58
+JITTER_CEILING = 0.1
 
 
 def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
@@ -151,3 +154,34 @@ def test_evaluate_refuses_a_bundle_not_trained_on_the_world(tiny_bundle):
 
     r = CliRunner().invoke(main, ["evaluate", "--bundle", str(tiny_bundle), "--n", "1"])
     assert r.exit_code != 0 and "config 'shapes'" in r.output and len(r.output.strip().splitlines()) == 1
+
+
+def test_shifted_scene_moves_each_shape_by_at_most_px_and_stays_valid():
+    import numpy as np
+
+    from emma_export.shapes import world
+    from emma_export.shapes.train import shifted
+
+    rng = np.random.default_rng(0)
+    moved = 0
+    for e in world.dataset("train", 40, seed=1):
+        s2 = shifted(e.scene, 2, rng)
+        world.validate(s2)
+        for a, b in zip(e.scene.shapes, s2.shapes):
+            assert (a.kind, a.colour, a.size) == (b.kind, b.colour, b.size)
+            assert abs(a.cx - b.cx) <= 2 and abs(a.cy - b.cy) <= 2
+            moved += (a.cx, a.cy) != (b.cx, b.cy)
+        assert world.caption(s2, detailed=True) == e.caption_detailed  # the same caption: only jitter moved
+    assert moved > 20
+
+
+def test_shipped_autoencoder_latents_are_smooth_in_the_jitter():
+    """The shipped autoencoder was trained with the translation-smoothness term: one caption's scenes (the
+    world's jitter only) stay close in latent space."""
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.skip("no shipped checkpoint at checkpoints/shapes")
+    from emma_export.shapes.train import jitter_share
+    from emma_export.weights.checkpoint import load_checkpoint
+
+    m = load_checkpoint(SHIPPED / "model.safetensors").float().eval()
+    assert jitter_share(m, 1, scenes=4) < JITTER_CEILING and jitter_share(m, 2, scenes=4) < JITTER_CEILING

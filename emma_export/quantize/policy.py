@@ -56,6 +56,7 @@ _ROUTER = (r"/trunk/router/",)
 _POS_RESAMPLE = (r"/trunk/embeddings/MatMul",)
 _TIMESTEP = (r"/gen_adapter/timestep/",)
 _DECODER_EDGES = (r"/decoder/conv_in/", r"/decoder/conv_out/", r"/decoder/norm_out/", r"/decoder/up_blocks\.0/")
+_DOWN_PROJ = (r"/down_proj/",)
 _GEMM_OPS = ["MatMul", "Gemm", "Conv"]
 
 
@@ -161,6 +162,10 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
         # ONNX Runtime's fused integer kernels return garbage on them when the KV cache is empty
         # (backbone rel L2 1e35 on a first chunk).
         exclude = exclude + _ATTN_BMM
+    if precision == "int8" and c == "backbone_gen":
+        # The SwiGLU down projections' inputs (silu(gate) * up) carry the outliers: on the trained shapes
+        # checkpoint backbone_gen missed the INT8 tolerance with them quantized (rel L2 0.11 > 0.1).
+        exclude = exclude + _DOWN_PROJ
     return Plan(c, precision, method, hp, exclude=exclude, calibration_method="max",
                 reduce_range=(precision == "int8" and not target_is_gpu))
 

@@ -59,17 +59,30 @@ class TrainSettings:
     ae_share: float = 0.35  # fraction of the budget for the autoencoder
     ae_steps: int | None = None  # fixed step counts (repeatable runs, smoke tests); else by time
     steps: int | None = None
-    ae_batch: int = 16  # small batches, many steps: the 32x autoencoder learns per step, not per image
+    # small batches, many steps: the 32x autoencoder learns per step, not per image (8 scenes + their
+    # shifted copies with the smoothness term on)
+    ae_batch: int = 8
     ae_lr: float = 1e-3
     ae_latent_penalty: float = 1e-3  # keeps the raw latents O(1)
     ae_latent_noise: float = 0.0  # if > 0: the decoder sees z + noise * std_c(z) in the second half
-    batch_und: int = 32
+    # Translation smoothness: each image is also rendered with its shapes moved by up to ``ae_shift_px``
+    # pixels and the latents of the pair are pulled together (weight ``ae_shift_weight``, relative to the
+    # latents' variance over the batch, so shrinking every latent together does not pay). Without it, the +-2 px jitter of one caption's scenes spreads their scaled latents
+    # over 30% (one shape) to 59% (two shapes) of the latents' whole variance: flow matching then has to
+    # fit hundreds of far-apart modes per caption and two-shape captions come out as mixtures.
+    # At a constant 0.1 the reconstruction stalls near 23 dB (the decoder cannot resolve what the term
+    # pulls together), so the weight follows the cosine schedule down to ``ae_shift_floor`` of itself:
+    # the latent layout forms early, the last stretch buys back the detail.
+    ae_shift_weight: float = 0.1
+    ae_shift_floor: float = 0.1
+    ae_shift_px: int = 2
+    batch_und: int = 24
     # Questions that bind a colour word to an image region (colour, shape, presence) learn slowest:
     # trained alone they reach ~80% in a minute, at an even share of a mixed batch they sat at
     # chance after four. The structural ones (count, size, position) learn quickly at any share.
     question_weights: dict = field(default_factory=lambda: {"colour": 2.0, "shape": 2.0, "presence": 2.0, "count": 0.5})
-    batch_gen: int = 16
-    batch_edit: int = 16
+    batch_gen: int = 20
+    batch_edit: int = 20
     lr: float = 1.5e-3
     weight_decay: float = 0.01
     warmup: int = 30
@@ -98,6 +111,8 @@ class TrainReport:
     scaling_factor: float
     ae_val_psnr: float
     history: list[dict] = field(default_factory=list)
+    # ``jitter_share`` of one- and two-shape scenes after the autoencoder stage
+    jitter_share: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -125,6 +140,21 @@ class Stream:
         out = [world.make_example("train", self.i + k, self.seed) for k in range(n)]
         self.i += n
         return out
+
+
+def shifted(scene: world.Scene, px: int, rng: np.random.Generator) -> world.Scene:
+    """The scene with every shape moved by up to ``px`` pixels each way (kept where that would leave the
+    image or make two shapes touch)."""
+    shapes = list(scene.shapes)
+    for i, sh in enumerate(shapes):
+        dx, dy = (int(v) for v in rng.integers(-px, px + 1, size=2))
+        trial = dataclasses.replace(scene, shapes=tuple(shapes[:i] + [dataclasses.replace(sh, cx=sh.cx + dx, cy=sh.cy + dy)] + shapes[i + 1 :]))
+        try:
+            world.validate(trial)
+        except ValueError:
+            continue
+        shapes = list(trial.shapes)
+    return dataclasses.replace(scene, shapes=tuple(shapes))
 
 
 def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
@@ -224,6 +254,7 @@ def train_autoencoder(model: EMMA, s: TrainSettings, seconds: float, log: Callab
     opt = _optimizer(ae.parameters(), s.ae_lr, 0.0)
     stream = Stream(s.seed * 7 + 1)
     gen = torch.Generator().manual_seed(s.seed * 7 + 2)
+    rng = np.random.default_rng(s.seed * 7 + 6)
     clock = Clock(seconds, s.ae_steps)
     bar = _Bar("autoencoder", s.progress)
     step = 0
@@ -232,7 +263,10 @@ def train_autoencoder(model: EMMA, s: TrainSettings, seconds: float, log: Callab
         prog = clock.progress(step)
         for g in opt.param_groups:
             g["lr"] = lr_at(s.ae_lr, step, prog, s.warmup)
-        x = to_tensor([e.image for e in stream.take(s.ae_batch)])
+        exs = stream.take(s.ae_batch)
+        x = to_tensor([e.image for e in exs])
+        if s.ae_shift_weight > 0:
+            x = torch.cat([x, to_tensor([world.render(shifted(e.scene, s.ae_shift_px, rng)) for e in exs])])
         z = ae.encoder(x)
         zin = z
         if prog >= 0.5 and s.ae_latent_noise > 0:
@@ -243,6 +277,10 @@ def train_autoencoder(model: EMMA, s: TrainSettings, seconds: float, log: Callab
         # pixels drown the shapes' signal and stall training at the "coloured blob" stage.
         rec = F.mse_loss(y, x)
         loss = rec + s.ae_latent_penalty * z.pow(2).mean()
+        if s.ae_shift_weight > 0:
+            za, zb = z.chunk(2)
+            w = s.ae_shift_weight * (s.ae_shift_floor + (1.0 - s.ae_shift_floor) * 0.5 * (1.0 + math.cos(math.pi * prog)))
+            loss = loss + w * (za - zb).pow(2).mean() / z.detach().var(dim=0).mean().clamp_min(1e-6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(ae.parameters(), 10.0)
@@ -271,6 +309,32 @@ def measure_latents(model: EMMA, seed: int, n: int = 256) -> tuple[float, float]
     y = model.ae.decoder(model.ae.encoder(x))
     a, b = to_uint8(x), to_uint8(y)
     return scale, float(np.mean([psnr(a[i], b[i]) for i in range(len(val))]))
+
+
+@torch.no_grad()
+def jitter_share(model: EMMA, n_shapes: int, scenes: int = 12, copies: int = 32, seed: int = 3) -> float:
+    """How much of the scaled latents' variance (1 by construction) the world's position jitter alone
+    makes: val scenes of ``n_shapes`` shapes, each re-drawn ``copies`` times with fresh jitter around the
+    same anchors (the same caption), the per-element latent variance over the copies, averaged.
+
+    This is the spread flow matching must fit for ONE caption; a large share means the caption's images
+    lie far apart in latent space (see ``TrainSettings.ae_shift_weight``)."""
+    rng = np.random.default_rng(seed)
+    chosen = [e for e in world.dataset("val", 16 * scenes, seed=seed) if len(e.scene.shapes) == n_shapes][:scenes]
+    shares = []
+    for e in chosen:
+        images = []
+        for _ in range(copies):
+            shapes = tuple(
+                dataclasses.replace(sh, cx=c[0], cy=c[1])
+                for sh, c in zip(
+                    e.scene.shapes,
+                    (world.anchor_centre(p, e.scene.width, e.scene.height, rng) for p in world.scene_positions(e.scene)),
+                )
+            )
+            images.append(world.render(dataclasses.replace(e.scene, shapes=shapes)))
+        shares.append(float(model.ae.encode(to_tensor(images)).var(dim=0).mean()))
+    return float(np.mean(shares))
 
 
 def set_scaling_factor(model: EMMA, scale: float) -> EMMA:
@@ -565,7 +629,11 @@ def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfi
     ae_steps, ae_s = train_autoencoder(model, s, total * s.ae_share, log)
     scale, val_psnr = measure_latents(model, s.seed, s.measure_n)
     set_scaling_factor(model, scale)
-    echo(f"autoencoder: {ae_steps} steps in {ae_s:.0f} s, val PSNR {val_psnr:.2f} dB, scaling_factor {scale:.4f}")
+    jitter = {f"{k}_shape": jitter_share(model, k, scenes=4 if s.measure_n < 64 else 12) for k in (1, 2)}
+    echo(
+        f"autoencoder: {ae_steps} steps in {ae_s:.0f} s, val PSNR {val_psnr:.2f} dB, scaling_factor {scale:.4f}, "
+        f"jitter share of the latent variance {jitter['1_shape']:.3f} (one shape) / {jitter['2_shape']:.3f} (two)"
+    )
     remaining = max(total - (time.perf_counter() - t0), 1.0)
     steps, joint_s = train_joint(model, tok, s, remaining, log)
     last = next((h for h in reversed(history) if h.get("stage") == "joint"), {})
@@ -576,7 +644,7 @@ def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfi
     save_checkpoint(model, out / "model.safetensors", dtype=torch.float16)
     tok.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(model.cfg.to_json() + "\n")
-    rep = TrainReport(out, time.perf_counter() - t0, ae_s, joint_s, ae_steps, steps, scale, val_psnr, history)
+    rep = TrainReport(out, time.perf_counter() - t0, ae_s, joint_s, ae_steps, steps, scale, val_psnr, history, jitter)
     (out / "train.json").write_text(
         json.dumps({"settings": s.to_dict(), **{k: v for k, v in rep.to_dict().items() if k != "out"}}, indent=1) + "\n"
     )
