@@ -67,9 +67,10 @@ class TrainSettings:
     ae_latent_noise: float = 0.0  # if > 0: the decoder sees z + noise * std_c(z) in the second half
     # Translation smoothness: each image is also rendered with its shapes moved by up to ``ae_shift_px``
     # pixels and the latents of the pair are pulled together (weight ``ae_shift_weight``, relative to the
-    # latents' variance over the batch, so shrinking every latent together does not pay). Without it, the +-2 px jitter of one caption's scenes spreads their scaled latents
-    # over 30% (one shape) to 59% (two shapes) of the latents' whole variance: flow matching then has to
-    # fit hundreds of far-apart modes per caption and two-shape captions come out as mixtures.
+    # latents' variance over the batch, so shrinking every latent together does not pay). Without it the
+    # +-2 px jitter of one caption's scenes spreads their scaled latents over 31% (one shape) to 58% (two
+    # shapes) of the latents' whole variance (``jitter_share``): flow matching then has to fit hundreds of
+    # far-apart modes per caption, and two-shape captions come out as mixtures.
     # At a constant 0.1 the reconstruction stalls near 23 dB (the decoder cannot resolve what the term
     # pulls together), so the weight follows the cosine schedule down to ``ae_shift_floor`` of itself:
     # the latent layout forms early, the last stretch buys back the detail.
@@ -143,17 +144,18 @@ class Stream:
 
 
 def shifted(scene: world.Scene, px: int, rng: np.random.Generator) -> world.Scene:
-    """The scene with every shape moved by up to ``px`` pixels each way (kept where that would leave the
-    image or make two shapes touch)."""
+    """The scene with every shape moved by up to ``px`` pixels each way (a shape stays put where the move
+    would leave the image or make two shapes touch)."""
     shapes = list(scene.shapes)
     for i, sh in enumerate(shapes):
         dx, dy = (int(v) for v in rng.integers(-px, px + 1, size=2))
-        trial = dataclasses.replace(scene, shapes=tuple(shapes[:i] + [dataclasses.replace(sh, cx=sh.cx + dx, cy=sh.cy + dy)] + shapes[i + 1 :]))
+        moved = shapes.copy()
+        moved[i] = dataclasses.replace(sh, cx=sh.cx + dx, cy=sh.cy + dy)
         try:
-            world.validate(trial)
+            world.validate(dataclasses.replace(scene, shapes=tuple(moved)))
         except ValueError:
             continue
-        shapes = list(trial.shapes)
+        shapes = moved
     return dataclasses.replace(scene, shapes=tuple(shapes))
 
 
