@@ -60,6 +60,8 @@ class BuildReport:
     # shapes world (a model trained on it): held-out task figures of this bundle on the runtime, the
     # fp32 PyTorch reference's on the same scenes and noise, and the change (points; AE in dB)
     tasks: dict = field(default_factory=dict)
+    # components quantized when the build named some (``only``); empty: all of them
+    quantized_only: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -149,16 +151,46 @@ def build(
     echo: Callable[[str], None] = print,
     progress: bool = False,
     task_eval_n: int = 50,
+    only: tuple[str, ...] = (),
 ) -> BuildReport:
     """One bundle of ``precision`` for ``target`` at ``out``. ``source_bundle``: start from this fp32
     bundle instead of exporting (``emma-export quantize``). ``calibration``: a folder of per-component
-    .npz feeds (``emma-export calibrate``) instead of capturing them now."""
+    .npz feeds (``emma-export calibrate``) instead of capturing them now. ``only``: quantize just these
+    components (the others at the target's high precision)."""
     t = resolve_target(target, precision)  # before any work
+    if only:
+        _check_components(only, precision, config_name, checkpoint, source_bundle)
     with _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
         return _build(t, precision=precision, out=out, config_name=config_name, checkpoint=checkpoint, seed=seed,
                       source_bundle=source_bundle, calibration=calibration, recipe=recipe, calib_samples=calib_samples,
                       verify=verify, e2e=e2e, engines=engines, force=force, echo=echo, progress=progress,
-                      task_eval_n=task_eval_n)
+                      task_eval_n=task_eval_n, only=tuple(only))
+
+
+def _check_components(only, precision, config_name, checkpoint, source_bundle) -> None:
+    """``only`` names components of the model being built (before any work)."""
+    from .components import all_components
+    from .config import EMMAConfig, get_config
+
+    if precision == "fp32":
+        raise BuildError("--component picks what to quantize; an fp32 build quantizes nothing")
+    try:
+        if source_bundle is not None:
+            from emma_runtime.bundle import Bundle
+
+            cfg = EMMAConfig.from_dict(Bundle.load(source_bundle, check_files=False).manifest.config)
+        elif checkpoint is not None:
+            from .weights.checkpoint import read_config
+
+            cfg = read_config(checkpoint)
+        else:
+            cfg = get_config(config_name or "tiny")
+    except Exception:  # noqa: BLE001 - the export stage reports a bad source properly
+        return
+    names = [c.name for c in all_components(cfg)]
+    unknown = [c for c in only if c not in names]
+    if unknown:
+        raise BuildError(f"--component {', '.join(unknown)}: no such component (the model has {', '.join(names)})")
 
 
 @contextlib.contextmanager
@@ -194,7 +226,7 @@ def _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
 
 
 def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, calibration, recipe, calib_samples,
-           verify, e2e, engines, force, echo, progress, task_eval_n=0) -> BuildReport:
+           verify, e2e, engines, force, echo, progress, task_eval_n=0, only=()) -> BuildReport:
     out = Path(out).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
@@ -259,7 +291,11 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
 
             if echo:
                 echo(f"quantize: {precision} for target {t.name}")
-            for o in quantize_bundle(work, precision, t, feeds, calib_samples=calib_samples):
+            try:
+                outcomes = quantize_bundle(work, precision, t, feeds, calib_samples=calib_samples, only=only)
+            except ValueError as e:
+                raise BuildError(str(e)) from None
+            for o in outcomes:
                 details[o.component] = o.details
         else:
             _retarget(work, t.name)
@@ -316,7 +352,8 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
             eng = engine_state.get(name) or engine_state.get("*") or ("n/a (ONNX Runtime)" if not t.is_gpu else "no")
             rows.append(Row(name, info.precision, size, None if r is None else r.rel_l2, None if r is None else r.tolerance,
                             None if r is None else r.passed, eng, m.precision_policy.get(name, "")))
-        report = BuildReport(str(out), cfg_name, precision, t.name, rows, e2e_res, e2e_ok, verify_ok, failures, seconds, details, tasks)
+        report = BuildReport(str(out), cfg_name, precision, t.name, rows, e2e_res, e2e_ok, verify_ok, failures, seconds, details, tasks,
+                             sorted(only))
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not force:
             raise BuildError("verify failed, nothing written: " + "; ".join(failures[:4]) + (" ..." if len(failures) > 4 else ""))

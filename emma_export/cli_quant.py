@@ -22,6 +22,10 @@ _calib = click.option("--calibration", type=click.Path(exists=True, file_okay=Fa
 _samples = click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration feeds per component (at most).")
 
 
+_only = click.option(
+    "--component", "only", multiple=True,
+    help="Quantize only this component (repeatable); the others stay at the target's high precision. "
+         "One at a time is how a precision's task loss is traced to a component.")
 _task_eval = click.option(
     "--task-eval-n", "task_eval_n", type=click.IntRange(min=0), default=50, show_default=True,
     help="shapes-world models: held-out scenes for the task figures in the report (0: skip).")
@@ -64,12 +68,13 @@ def _run_build(**kw) -> None:
 @click.option("--force", is_flag=True, help="Write the bundle even if verify fails.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the build report as JSON.")
 @_task_eval
+@_only
 @click.option("--quiet", is_flag=True)
-def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, quiet):
+def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, quiet):
     """Export -> calibrate -> quantize -> engines -> verify, into one bundle (atomic)."""
     _run_build(config_name=config_name, checkpoint=checkpoint, precision=precision, target=target, out=out, seed=seed,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
-               engines=not no_engines, force=force, json_out=json_out, progress=not quiet, task_eval_n=task_eval_n)
+               engines=not no_engines, force=force, json_out=json_out, progress=not quiet, task_eval_n=task_eval_n, only=only)
 
 
 @main.command()
@@ -87,11 +92,12 @@ def build(config_name, checkpoint, precision, target, out, seed, recipe, calibra
 @click.option("--force", is_flag=True, help="Write the bundle even if verify fails.")
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @_task_eval
-def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n):
+@_only
+def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only):
     """Quantize an existing fp32 bundle into a new bundle (calibrate -> quantize -> engines -> verify)."""
     _run_build(source_bundle=bundle_dir, checkpoint=checkpoint, precision=precision, target=target, out=out,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
-               engines=not no_engines, force=force, json_out=json_out, task_eval_n=task_eval_n)
+               engines=not no_engines, force=force, json_out=json_out, task_eval_n=task_eval_n, only=only)
 
 
 @main.command()

@@ -16,19 +16,35 @@ from .cli import _fail, main
 @click.option("--ae-share", type=float, default=0.35, show_default=True, help="Fraction of the budget for the autoencoder.")
 @click.option("--ae-steps", type=int, default=None, help="Fixed autoencoder steps instead of a time budget (repeatable runs).")
 @click.option("--steps", type=int, default=None, help="Fixed joint steps instead of a time budget (repeatable runs).")
+@click.option("--dec-share", type=float, default=0.0, show_default=True, help="Fraction of the budget for a decoder-only fine-tune at the end (encoder frozen).")
+@click.option("--decoder-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Only fine-tune the autoencoder's decoder of this trained checkpoint for --minutes (every other weight, "
+                   "and so every latent, stays as it is) and write the result to --out.")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars; log lines instead.")
-def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, threads, quiet):
+def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, decoder_from, threads, quiet):
     """Train the `shapes` EMMA on the generated world: autoencoder, then understanding,
-    generation and editing together."""
-    from .shapes.train import TrainSettings, train
+    generation and editing together (then, with --dec-share, the decoder alone)."""
+    from pathlib import Path
 
-    if minutes <= 0 and (ae_steps is None or steps is None):
+    from .shapes.train import TrainSettings, finetune_decoder, train
+
+    if minutes <= 0 and (ae_steps is None or steps is None or decoder_from):
         _fail("--minutes must be positive (or give both --ae-steps and --steps)")
     if not 0.0 < ae_share < 1.0:
         _fail("--ae-share must be between 0 and 1")
-    s = TrainSettings(minutes=minutes, seed=seed, ae_share=ae_share, ae_steps=ae_steps, steps=steps,
+    if not 0.0 <= dec_share < 1.0 - ae_share:
+        _fail("--dec-share must be at least 0 and leave time for the joint stage (below 1 - --ae-share)")
+    s = TrainSettings(minutes=minutes, seed=seed, ae_share=ae_share, ae_steps=ae_steps, steps=steps, dec_share=dec_share,
                       threads=threads, progress=not quiet)
+    if decoder_from:
+        for name in ("model.safetensors", "tokenizer.json", "config.json"):
+            if not (Path(decoder_from) / name).is_file():
+                _fail(f"{decoder_from}: no {name} (expected a train-shapes output folder)")
+        rec = finetune_decoder(decoder_from, out, s, echo=click.echo)
+        click.echo(f"wrote {out}/model.safetensors, tokenizer.json, config.json, train.json "
+                   f"(decoder {rec['steps']} steps, val PSNR {rec['val_psnr_before']:.2f} -> {rec['val_psnr_after']:.2f} dB)")
+        return
     rep = train(out, s, echo=click.echo)
     size = (rep.out / "model.safetensors").stat().st_size
     click.echo(

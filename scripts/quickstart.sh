@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The main job: set up, export the shipped shapes-world checkpoint (checkpoints/shapes, a small EMMA
 # trained on the world this project generates) to an ONNX bundle, verify it against the PyTorch
-# reference, then answer a question about a held-out scene, generate an image from a caption and edit
+# reference, then answer questions about a held-out scene, generate an image from a caption and edit
 # the scene, on the runtime. Everything a person looks at lands in out/ (quickstart.png side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,17 +10,18 @@ export PATH="$PWD/.venv/bin:$PATH"
 mkdir -p out
 emma-export export --checkpoint checkpoints/shapes --out out/bundle-shapes --quiet
 emma-export verify --bundle out/bundle-shapes --e2e --json out/verify-shapes.json
-# A val-split scene and seen colour/shape pairs: what the checkpoint does well. The held-out split (pairs
-# never seen in training) is where it is weaker: `emma-export evaluate` and the README's table.
-echo "--- a val scene (drawn like the training scenes, never trained on)"
-emma-export world --split val --index 1 --out out/scene.png
+# A held-out scene: its purple square at the bottom is a (colour, shape, position) combination never seen in
+# training; so is the generated "small yellow square" on the right. One example: the rates are in the
+# README's table (`emma-export evaluate`).
+echo "--- a held-out scene"
+emma-export world --split heldout --index 0 --out out/scene.png
 echo "--- understand"
 emma-run understand --bundle out/bundle-shapes --image out/scene.png --prompt "what colour is the triangle?" --quiet
 emma-run understand --bundle out/bundle-shapes --image out/scene.png --prompt "where is the triangle?" --quiet
-echo "--- generate: a large red circle above a small yellow square"
-emma-run generate --bundle out/bundle-shapes --prompt "a large red circle above a small yellow square" --out out/generated.png --seed 0 --quiet
-echo "--- edit: make the triangle cyan"
-emma-run edit --bundle out/bundle-shapes --image out/scene.png --prompt "make the triangle cyan" --out out/edited.png --seed 0 --quiet
+echo "--- generate: a small yellow square right of a large white circle"
+emma-run generate --bundle out/bundle-shapes --prompt "a small yellow square right of a large white circle" --out out/generated.png --seed 0 --quiet
+echo "--- edit: make the square red"
+emma-run edit --bundle out/bundle-shapes --image out/scene.png --prompt "make the square red" --out out/edited.png --seed 0 --quiet
 python - <<'PY'
 # 64x64 images are hard to see: one sheet, 4x nearest-neighbour, what the detector reads under each.
 import numpy as np

@@ -5,7 +5,7 @@ import pytest
 
 from emma_export.shapes import world
 from emma_export.shapes.detector import add_noise, detect, detector_ceiling, scene_matches
-from emma_export.shapes.world import HELDOUT_PAIRS, PALETTE, BACKGROUNDS, Scene, Shape
+from emma_export.shapes.world import HELDOUT_TRIPLES, PALETTE, BACKGROUNDS, Scene, Shape
 
 
 def _texts(ex):
@@ -39,29 +39,31 @@ def test_different_seed_or_split_differs():
     assert [x.scene for x in a] != [x.scene for x in v]
 
 
-def test_heldout_pairs_only_in_heldout():
+def test_heldout_combinations_only_in_heldout():
     seen = {}
     for split in world.SPLITS:
         exs = world.dataset(split, 300, seed=0)
         scenes = [e.scene for e in exs]
         targets = [p.target_scene for e in exs for p in e.edits]
-        seen[split] = world.iter_pairs(scenes), world.iter_pairs(targets)
+        seen[split] = world.iter_triples(scenes), world.iter_triples(targets)
         if split != "heldout":
-            texts = " | ".join(
-                [e.caption for e in exs]
-                + [q.question for e in exs for q in e.qas]
-                + [p.instruction for e in exs for p in e.edits]
-            )
-            for c, k in HELDOUT_PAIRS:
-                assert f"{c} {k}" not in texts
+            # single-shape captions name the position: none names a held-out combination
+            texts = " | ".join(e.caption_detailed for e in exs)
+            for c, k, pos in HELDOUT_TRIPLES:
+                assert f"{c} {k} {world.POSITION_PHRASES[pos]}" not in texts
     for split in ("train", "val"):
-        assert not (seen[split][0] | seen[split][1]) & HELDOUT_PAIRS
-    assert HELDOUT_PAIRS <= seen["heldout"][0]
+        assert not (seen[split][0] | seen[split][1]) & HELDOUT_TRIPLES
+    assert HELDOUT_TRIPLES <= seen["heldout"][0]
     for e in world.dataset("heldout", 50, seed=0):
-        assert world.iter_pairs([e.scene]) & HELDOUT_PAIRS
-    # every non-held-out pair shows up in training
-    all_pairs = {(c, k) for c in world.COLOURS for k in world.KINDS}
-    assert seen["train"][0] == all_pairs - HELDOUT_PAIRS
+        assert world.held_out(e.scene)
+    # every colour, kind and (colour, kind) pair is seen in training, and almost every allowed combination
+    pairs = {(c, k) for c in world.COLOURS for k in world.KINDS}
+    assert {(c, k) for c, k, _ in seen["train"][0]} == pairs
+    assert len(seen["train"][0]) >= 0.95 * (len(pairs) * len(world.POSITIONS) - len(HELDOUT_TRIPLES))
+    # the held-out set covers every colour, kind and position
+    assert {c for c, _, _ in HELDOUT_TRIPLES} == set(world.COLOURS)
+    assert {k for _, k, _ in HELDOUT_TRIPLES} == set(world.KINDS)
+    assert {p for _, _, p in HELDOUT_TRIPLES} == set(world.POSITIONS)
 
 
 @pytest.mark.parametrize("size", [(64, 64), (128, 96), (96, 128), (32, 64)])

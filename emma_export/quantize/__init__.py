@@ -15,6 +15,7 @@ import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Collection
 
 import numpy as np
 
@@ -74,9 +75,11 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
 
 
 def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[str, list[Feed]] | None,
-                    calib_samples: int = 64, progress=None) -> list[ComponentOutcome]:
+                    calib_samples: int = 64, progress=None, only: Collection[str] = ()) -> list[ComponentOutcome]:
     """Rewrites every component graph of the fp32 bundle ``bundle_dir`` to ``precision`` for ``target``
-    (a ``targets.Target``) and rewrites manifest.json. ``feeds``: component -> calibration feeds."""
+    (a ``targets.Target``) and rewrites manifest.json. ``feeds``: component -> calibration feeds.
+    ``only``: quantize just these components, the others get the target's high precision (fp32 on
+    cpu): one component at a time is how a precision's task loss is traced to its cause."""
     from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
 
     from ..config import EMMAConfig
@@ -90,12 +93,18 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
         raise ValueError(f"{bundle_dir}: quantize starts from an fp32 bundle (this one is {m.precision})")
     cfg = EMMAConfig.from_dict(m.config)
     gpu = bool(getattr(target, "is_gpu", False))
+    unknown = sorted(set(only) - set(m.components))
+    if unknown:
+        raise ValueError(f"{bundle_dir}: no component {', '.join(unknown)} (the bundle has {', '.join(m.components)})")
     entries = dict(m.components)
     policy: dict[str, str] = {}
     out: list[ComponentOutcome] = []
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle_dir) as td:
         for name, info in m.components.items():
             p = plan(name, precision, gpu, cfg)
+            if only and name not in only:
+                p = plan(name, "fp16" if gpu else "fp32", gpu, cfg)
+                p = replace(p, notes=p.notes + (f"kept high: {precision} for {', '.join(sorted(only))} only",))
             t0 = time.perf_counter()
             src = bundle.path(info.file)
             if info.data_files:

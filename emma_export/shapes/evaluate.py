@@ -1,7 +1,7 @@
 """Held-out evaluation of a shapes-world EMMA (issue #10): what users see, per task.
 
-On ``n`` examples of the ``heldout`` split (every scene holds a (colour, kind) pair never seen in
-training), through the runtime (the bundle's ONNX graphs) and, with ``reference=True``, through the
+On ``n`` examples of the ``heldout`` split (every scene holds a (colour, kind, position) combination
+never seen in training), through the runtime (the bundle's ONNX graphs) and, with ``reference=True``, through the
 PyTorch reference pipelines on the bundle's source checkpoint, with identical initial noise:
 
 * understanding: greedy answers to every question of each scene, exact match per question type;
@@ -260,7 +260,7 @@ def evaluate(
     split: str = "heldout",
 ) -> dict:
     """Held-out suite on the runtime (and on the PyTorch reference); a JSON-ready dict. ``split="val"``
-    runs the same suite on scenes of the training distribution (no held-out pairs): the gap between the
+    runs the same suite on scenes of the training distribution (no held-out combinations): the gap between the
     two is what fails to generalise."""
     from emma_runtime.bundle import Bundle
 

@@ -17,9 +17,11 @@ Layout, with ``m = min(width, height)``:
 
 Any width and height that are multiples of 32 work (64x64 by default; 128x96 etc.).
 
-Splits: ``train`` and ``val`` never contain a shape whose (colour, kind) pair is in
-``HELDOUT_PAIRS`` (not in scenes, edit targets, nor the negative presence questions);
-every ``heldout`` scene contains at least one such shape.
+Splits: ``train`` and ``val`` never contain a shape whose (colour, kind, position word) combination
+is in ``HELDOUT_TRIPLES`` (not in scenes nor in edit targets); every ``heldout`` scene contains at
+least one such shape.  Every colour, kind and position, and every (colour, kind) pair, is seen in
+training; what is held out is the combination of the three (the issue's "colour/shape/position
+combinations never seen in training").
 
 Everything is a pure function of its inputs and a ``numpy.random.Generator``; ``dataset(split, n,
 seed)`` derives example ``i`` from ``(seed, split, i)`` alone, so a prefix of a larger dataset is
@@ -79,9 +81,12 @@ POSITION_PHRASES: dict[str, str] = {
 }
 OPPOSITE: dict[str, str] = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 
-# (colour, kind) pairs never seen in train/val; each heldout scene holds at least one.
-HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
-    {("red", "triangle"), ("green", "circle"), ("blue", "square"), ("yellow", "triangle")}
+# (colour, kind, position word) combinations never seen in train/val; each heldout scene holds at
+# least one.  One position per (colour, kind) pair, spread so that every colour, kind and position
+# is held out about equally often (24 of the 120 combinations); the pair itself is seen at the
+# other four positions.
+HELDOUT_TRIPLES: frozenset[tuple[str, str, str]] = frozenset(
+    (c, k, POSITIONS[(2 * ci + ki) % len(POSITIONS)]) for ci, c in enumerate(COLOURS) for ki, k in enumerate(KINDS)
 )
 SPLITS: tuple[str, ...] = ("train", "val", "heldout")
 
@@ -329,8 +334,14 @@ def _stable_rng(scene: Scene) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(key.encode()))
 
 
-def allowed_pair(colour: str, kind: str, split: str) -> bool:
-    return split == "heldout" or (colour, kind) not in HELDOUT_PAIRS
+def allowed(colour: str, kind: str, position: str, split: str) -> bool:
+    """May a ``split`` scene hold this shape at this position word?"""
+    return split == "heldout" or (colour, kind, position) not in HELDOUT_TRIPLES
+
+
+def held_out(scene: Scene) -> bool:
+    """Does the scene hold a held-out (colour, kind, position) combination?"""
+    return bool(iter_triples([scene]) & HELDOUT_TRIPLES)
 
 
 def questions(
@@ -338,8 +349,7 @@ def questions(
 ) -> list[QA]:
     """Questions with single-word answers: count, then per shape colour/shape/position/size, then
     presence (one "yes", one "no").  The "no" pair is a near miss (shares the colour or the kind of
-    a shape in the scene when it can) and, outside the heldout split, never a held-out pair.
-    Without ``rng`` the choice of presence pairs is derived from the scene itself."""
+    a shape in the scene when it can).  Without ``rng`` the choice of presence pairs is derived from the scene itself."""
     rng = _stable_rng(scene) if rng is None else rng
     shapes = scene.shapes
     qas = [QA(QUESTION_TEMPLATES["count"], NUMBERS[len(shapes)], "count")]
@@ -359,7 +369,7 @@ def questions(
         qas.append(QA(QUESTION_TEMPLATES["presence"].format(colour=s.colour, kind=s.kind), "yes", "presence"))
     present = {(s.colour, s.kind) for s in shapes}
     absent = [
-        (c, k) for c in COLOURS for k in KINDS if (c, k) not in present and allowed_pair(c, k, split)
+        (c, k) for c in COLOURS for k in KINDS if (c, k) not in present
     ]
     near = [(c, k) for c, k in absent if c in colours or k in kinds]
     pool = near if near and rng.random() < 0.75 else absent
@@ -386,26 +396,15 @@ def anchor_centre(
     return int(round(fx * width)) + dx, int(round(fy * height)) + dy
 
 
-def _sample_pairs(rng: np.random.Generator, split: str, n_shapes: int) -> list[tuple[str, str]]:
-    """(colour, kind) of each shape: distinct colours, distinct kinds; split rules applied."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    while True:
-        if split == "heldout":
-            held = sorted(HELDOUT_PAIRS)
-            pairs = [held[int(rng.integers(len(held)))]]
-        else:
-            pairs = []
-        while len(pairs) < n_shapes:
-            c = COLOURS[int(rng.integers(len(COLOURS)))]
-            k = KINDS[int(rng.integers(len(KINDS)))]
-            if any(c == pc or k == pk for pc, pk in pairs):
-                continue
-            if not allowed_pair(c, k, split):
-                continue
+def _sample_pairs(rng: np.random.Generator, n_shapes: int) -> list[tuple[str, str]]:
+    """(colour, kind) of each shape: distinct colours, distinct kinds."""
+    pairs: list[tuple[str, str]] = []
+    while len(pairs) < n_shapes:
+        c = COLOURS[int(rng.integers(len(COLOURS)))]
+        k = KINDS[int(rng.integers(len(KINDS)))]
+        if not any(c == pc or k == pk for pc, pk in pairs):
             pairs.append((c, k))
-        order = rng.permutation(len(pairs))
-        return [pairs[i] for i in order]
+    return pairs
 
 
 def sample_scene(
@@ -416,26 +415,31 @@ def sample_scene(
     background: str = "black",
     n_shapes: int | None = None,
 ) -> Scene:
-    """A random scene of one or two shapes (each with probability 1/2 unless ``n_shapes``)."""
+    """A random scene of one or two shapes (each with probability 1/2 unless ``n_shapes``), drawn
+    again until it obeys the split (heldout: at least one held-out combination; else none)."""
     check_size(width, height)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     n = int(rng.integers(1, 3)) if n_shapes is None else n_shapes
     if n not in (1, 2):
         raise ValueError("a scene holds one or two shapes")
-    pairs = _sample_pairs(rng, split, n)
-    sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in range(n)]
-    if n == 1:
-        positions = [POSITIONS[int(rng.integers(len(POSITIONS)))]]
-    else:
-        positions = ["left", "right"] if rng.random() < 0.5 else ["top", "bottom"]
-        if rng.random() < 0.5:
-            positions = positions[::-1]  # which shape is named first
-    shapes = []
-    for (c, k), size, pos in zip(pairs, sizes, positions):
-        cx, cy = anchor_centre(pos, width, height, rng)
-        shapes.append(Shape(k, c, size, cx, cy))
-    scene = Scene(tuple(shapes), width, height, background)
-    validate(scene)
-    return scene
+    while True:
+        pairs = _sample_pairs(rng, n)
+        sizes = [SIZES[int(rng.integers(len(SIZES)))] for _ in range(n)]
+        if n == 1:
+            positions = [POSITIONS[int(rng.integers(len(POSITIONS)))]]
+        else:
+            positions = ["left", "right"] if rng.random() < 0.5 else ["top", "bottom"]
+            if rng.random() < 0.5:
+                positions = positions[::-1]  # which shape is named first
+        shapes = []
+        for (c, k), size, pos in zip(pairs, sizes, positions):
+            cx, cy = anchor_centre(pos, width, height, rng)
+            shapes.append(Shape(k, c, size, cx, cy))
+        scene = Scene(tuple(shapes), width, height, background)
+        validate(scene)
+        if held_out(scene) == (split == "heldout"):
+            return scene
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +460,7 @@ def edits(scene: Scene, rng: np.random.Generator, split: str = "train") -> list[
     """One edit of each applicable kind, in the order recolour, resize, remove (two shapes),
     move (one shape), add (one shape off-centre).  Shapes the instruction does not name keep their
     exact geometry, so they stay pixel-identical in the rendered target.  Outside the heldout split
-    no target holds a held-out (colour, kind) pair."""
+    no target holds a held-out (colour, kind, position) combination."""
     out: list[EditPair] = []
     shapes = scene.shapes
     if not shapes:
@@ -464,11 +468,12 @@ def edits(scene: Scene, rng: np.random.Generator, split: str = "train") -> list[
     W, H = scene.width, scene.height
     kinds = [s.kind for s in shapes]
     colours = [s.colour for s in shapes]
+    where = scene_positions(scene)
 
     # recolour
     i = int(rng.integers(len(shapes)))
     s = shapes[i]
-    choices = [c for c in COLOURS if c not in colours and allowed_pair(c, s.kind, split)]
+    choices = [c for c in COLOURS if c not in colours and allowed(c, s.kind, where[i], split)]
     if choices and kinds.count(s.kind) == 1:
         c = choices[int(rng.integers(len(choices)))]
         target = _replace_shape(scene, i, replace(s, colour=c))
@@ -492,7 +497,7 @@ def edits(scene: Scene, rng: np.random.Generator, split: str = "train") -> list[
     if len(shapes) == 1:
         s = shapes[0]
         pos = scene_positions(scene)[0]
-        others = [p for p in POSITIONS if p != pos]
+        others = [p for p in POSITIONS if p != pos and allowed(s.colour, s.kind, p, split)]
         new_pos = others[int(rng.integers(len(others)))]
         cx, cy = anchor_centre(new_pos, W, H, rng)
         target = _replace_shape(scene, 0, replace(s, cx=cx, cy=cy))
@@ -501,7 +506,7 @@ def edits(scene: Scene, rng: np.random.Generator, split: str = "train") -> list[
 
         if pos != "center":
             new_pos = OPPOSITE[pos]
-            pair = _sample_pairs_excluding(rng, split, s)
+            pair = _sample_pairs_excluding(rng, split, s, new_pos)
             if pair is not None:
                 c, k = pair
                 size = SIZES[int(rng.integers(len(SIZES)))]
@@ -516,13 +521,13 @@ def edits(scene: Scene, rng: np.random.Generator, split: str = "train") -> list[
 
 
 def _sample_pairs_excluding(
-    rng: np.random.Generator, split: str, existing: Shape
+    rng: np.random.Generator, split: str, existing: Shape, position: str
 ) -> tuple[str, str] | None:
     cand = [
         (c, k)
         for c in COLOURS
         for k in KINDS
-        if c != existing.colour and k != existing.kind and allowed_pair(c, k, split)
+        if c != existing.colour and k != existing.kind and allowed(c, k, position, split)
     ]
     if not cand:
         return None
@@ -573,3 +578,8 @@ def dataset(
 def iter_pairs(scenes: Iterable[Scene]) -> set[tuple[str, str]]:
     """All (colour, kind) pairs in some scenes."""
     return {(s.colour, s.kind) for sc in scenes for s in sc.shapes}
+
+
+def iter_triples(scenes: Iterable[Scene]) -> set[tuple[str, str, str]]:
+    """All (colour, kind, position word) combinations in some scenes."""
+    return {(s.colour, s.kind, p) for sc in scenes for s, p in zip(sc.shapes, scene_positions(sc))}
