@@ -167,25 +167,33 @@ def build(
                       task_eval_n=task_eval_n, only=tuple(only))
 
 
-def _check_components(only, precision, config_name, checkpoint, source_bundle) -> None:
-    """``only`` names components of the model being built (before any work)."""
-    from .components import all_components
+def _source_config(config_name, checkpoint, source_bundle):
+    """The config of what is being built, read without loading weights; None if the source is bad (the
+    export stage reports that properly)."""
     from .config import EMMAConfig, get_config
 
-    if precision == "fp32":
-        raise BuildError("--component picks what to quantize; an fp32 build quantizes nothing")
     try:
         if source_bundle is not None:
             from emma_runtime.bundle import Bundle
 
-            cfg = EMMAConfig.from_dict(Bundle.load(source_bundle, check_files=False).manifest.config)
-        elif checkpoint is not None:
+            return EMMAConfig.from_dict(Bundle.load(source_bundle, check_files=False).manifest.config)
+        if checkpoint is not None:
             from .weights.checkpoint import read_config
 
-            cfg = read_config(checkpoint)
-        else:
-            cfg = get_config(config_name or "tiny")
-    except Exception:  # noqa: BLE001 - the export stage reports a bad source properly
+            return read_config(checkpoint)
+        return get_config(config_name or "tiny")
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _check_components(only, precision, config_name, checkpoint, source_bundle) -> None:
+    """``only`` names components of the model being built (before any work)."""
+    from .components import all_components
+
+    if precision == "fp32":
+        raise BuildError("--component picks what to quantize; an fp32 build quantizes nothing")
+    cfg = _source_config(config_name, checkpoint, source_bundle)
+    if cfg is None:  # the export stage reports a bad source properly
         return
     names = [c.name for c in all_components(cfg)]
     unknown = [c for c in only if c not in names]
@@ -200,21 +208,8 @@ def _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
     with 2 threads, 8 s with 1). One thread while the build runs the reference model."""
     import torch
 
-    try:
-        if source_bundle is not None:
-            from emma_runtime.bundle import Bundle
-
-            hidden = Bundle.load(source_bundle, check_files=False).manifest.model.hidden_size
-        elif checkpoint is not None:
-            from .weights.checkpoint import read_config
-
-            hidden = read_config(checkpoint).llm.hidden_size
-        else:
-            from .config import get_config
-
-            hidden = get_config(config_name or "tiny").llm.hidden_size
-    except Exception:  # noqa: BLE001 - the stages report a bad source properly
-        hidden = 1 << 20
+    cfg = _source_config(config_name, checkpoint, source_bundle)
+    hidden = cfg.llm.hidden_size if cfg is not None else 1 << 20
     small = hidden <= 256
     before = torch.get_num_threads()
     if small:

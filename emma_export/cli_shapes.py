@@ -30,7 +30,7 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, decod
     from .shapes.train import TrainSettings, finetune_decoder, train
 
     if minutes <= 0 and (ae_steps is None or steps is None or decoder_from):
-        _fail("--minutes must be positive (or give both --ae-steps and --steps)")
+        _fail("--minutes must be positive" + ("" if decoder_from else " (or give both --ae-steps and --steps)"))
     if not 0.0 < ae_share < 1.0:
         _fail("--ae-share must be between 0 and 1")
     if not 0.0 <= dec_share < 1.0 - ae_share:

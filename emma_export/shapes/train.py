@@ -227,6 +227,18 @@ def _optimizer(params, lr: float, wd: float) -> torch.optim.Optimizer:
     )
 
 
+def _descend(opt: torch.optim.Optimizer, loss: torch.Tensor, params, clip: float) -> None:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+
+
+def _ema(prev: float | None, value: float) -> float:
+    """The loss shown in the bar and the log: smoothed over ~20 steps."""
+    return value if prev is None else 0.95 * prev + 0.05 * value
+
+
 class _Bar:
     def __init__(self, desc: str, enabled: bool):
         self.bar = None
@@ -298,13 +310,9 @@ def train_autoencoder(model: EMMA, s: TrainSettings, seconds: float, log: Callab
             za, zb = z.chunk(2)
             w = s.ae_shift_weight * (s.ae_shift_floor + (1.0 - s.ae_shift_floor) * 0.5 * (1.0 + math.cos(math.pi * prog)))
             loss = loss + w * (za - zb).pow(2).mean() / z.detach().var(dim=0).mean().clamp_min(1e-6)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(ae.parameters(), 10.0)
-        opt.step()
+        _descend(opt, loss, ae.parameters(), 10.0)
         step += 1
-        lv = rec.item()
-        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        ema = _ema(ema, rec.item())
         bar.update(loss=ema)
         if step % s.log_every == 0:
             log({"stage": "ae", "step": step, "loss": ema, "t": clock.elapsed()})
@@ -338,13 +346,9 @@ def train_decoder(model: EMMA, s: TrainSettings, seconds: float, log: Callable[[
         with torch.no_grad():
             z = ae.encoder(x)
         rec = F.mse_loss(dec(z), x)
-        opt.zero_grad(set_to_none=True)
-        rec.backward()
-        torch.nn.utils.clip_grad_norm_(dec.parameters(), 10.0)
-        opt.step()
+        _descend(opt, rec, dec.parameters(), 10.0)
         step += 1
-        lv = rec.item()
-        ema = lv if ema is None else 0.95 * ema + 0.05 * lv
+        ema = _ema(ema, rec.item())
         bar.update(loss=ema)
         if step % s.log_every == 0:
             log({"stage": "decoder", "step": step, "loss": ema, "t": clock.elapsed()})
@@ -637,14 +641,10 @@ def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: C
         und, gen, edit = exs[: s.batch_und], exs[s.batch_und : s.batch_und + s.batch_gen], exs[s.batch_und + s.batch_gen :]
         losses = builder.forward(*builder.rows(und, gen, edit))
         loss = losses.get("ce", torch.zeros(())) + s.fm_weight * losses.get("fm", torch.zeros(()))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        _descend(opt, loss, params, 1.0)
         step += 1
         for k_, v_ in losses.items():
-            fv = float(v_.detach())
-            ema[k_] = fv if k_ not in ema else 0.95 * ema[k_] + 0.05 * fv
+            ema[k_] = _ema(ema.get(k_), float(v_.detach()))
         bar.update(**{k_: ema[k_] for k_ in ("ce", "tok_acc", "fm_gen", "fm_edit") if k_ in ema})
         if step % s.log_every == 0:
             log({"stage": "joint", "step": step, **ema, "t": clock.elapsed()})
