@@ -20,16 +20,36 @@ from .cli import _fail, main
 @click.option("--decoder-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Only fine-tune the autoencoder's decoder of this trained checkpoint for --minutes (every other weight, "
                    "and so every latent, stays as it is) and write the result to --out.")
+@click.option("--dec-latent-noise", type=float, default=0.0, show_default=True,
+              help="Decoder stage: train on z + this * std_c(z) noise, for latents a sampler lands slightly off.")
+@click.option("--joint-from", type=click.Path(exists=True, file_okay=False), default=None,
+              help="Continue the joint stage of this trained checkpoint for --minutes (or --steps), the autoencoder "
+                   "frozen, and write the result to --out.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate of the joint stage (default: 1.5e-3; lower it for --joint-from).")
+@click.option("--batch", "batch", type=(int, int, int), default=None, metavar="UND GEN EDIT",
+              help="Rows per joint step for understanding, generation and editing (default: 24 20 20).")
+@click.option("--average", type=float, default=0.0, show_default=True,
+              help="With --joint-from: save the exponential moving average of the weights at this decay (e.g. 0.999).")
 @click.option("--threads", type=int, default=2, show_default=True, help="torch intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars; log lines instead.")
-def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, decoder_from, threads, quiet):
+def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, dec_latent_noise, decoder_from, joint_from, lr, batch, average, threads, quiet):
     """Train the `shapes` EMMA on the generated world: autoencoder, then understanding,
     generation and editing together (then, with --dec-share, the decoder alone)."""
     from pathlib import Path
 
-    from .shapes.train import TrainSettings, finetune_decoder, train
+    from .shapes.train import TrainSettings, finetune_decoder, finetune_joint, train
 
-    if minutes <= 0 and (ae_steps is None or steps is None or decoder_from):
+    if decoder_from and joint_from:
+        _fail("give one of --decoder-from and --joint-from")
+    if not 0.0 <= average < 1.0:
+        _fail("--average must be at least 0 and below 1")
+    if average and not joint_from:
+        _fail("--average applies to --joint-from only")
+    if batch is not None and (min(batch) < 0 or sum(batch) < 1):
+        _fail("--batch needs three row counts >= 0, not all 0")
+    if joint_from and minutes <= 0 and steps is None:
+        _fail("--minutes must be positive (or give --steps)")
+    if minutes <= 0 and not joint_from and (ae_steps is None or steps is None or decoder_from):
         _fail("--minutes must be positive" + ("" if decoder_from else " (or give both --ae-steps and --steps)"))
     if not 0.0 < ae_share < 1.0:
         _fail("--ae-share must be between 0 and 1")
@@ -37,10 +57,23 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, decod
         _fail("--dec-share must be at least 0 and leave time for the joint stage (below 1 - --ae-share)")
     s = TrainSettings(minutes=minutes, seed=seed, ae_share=ae_share, ae_steps=ae_steps, steps=steps, dec_share=dec_share,
                       threads=threads, progress=not quiet)
-    if decoder_from:
+    if dec_latent_noise < 0:
+        _fail("--dec-latent-noise must be at least 0")
+    s.dec_latent_noise = dec_latent_noise
+    if lr is not None:
+        s.lr = lr
+    if batch is not None:
+        s.batch_und, s.batch_gen, s.batch_edit = batch
+    for src in (decoder_from, joint_from):
         for name in ("model.safetensors", "tokenizer.json", "config.json"):
-            if not (Path(decoder_from) / name).is_file():
-                _fail(f"{decoder_from}: no {name} (expected a train-shapes output folder)")
+            if src and not (Path(src) / name).is_file():
+                _fail(f"{src}: no {name} (expected a train-shapes output folder)")
+    if joint_from:
+        rec = finetune_joint(joint_from, out, s, average=average, echo=click.echo)
+        click.echo(f"wrote {out}/model.safetensors, tokenizer.json, config.json, train.json (joint {rec['steps']} steps"
+                   + (f", EMA {average}" if average else "") + ")")
+        return
+    if decoder_from:
         rec = finetune_decoder(decoder_from, out, s, echo=click.echo)
         click.echo(f"wrote {out}/model.safetensors, tokenizer.json, config.json, train.json "
                    f"(decoder {rec['steps']} steps, val PSNR {rec['val_psnr_before']:.2f} -> {rec['val_psnr_after']:.2f} dB)")

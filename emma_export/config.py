@@ -368,7 +368,7 @@ def _shapes() -> EMMAConfig:
         ),
         # guidance chosen on the val split (scripts/sampler_sweep.py, n=120): generation 0.81 at cfg 1.5,
         # 0.74 at 2, 0.69 at 3; 32 steps no better than 16; editing best at the (2, 1.5) it had
-        sampler=SamplerConfig(steps=16, shift=1.0, cfg=1.5, cfg_text=2.0, cfg_image=1.5),
+        sampler=SamplerConfig(steps=16, shift=1.0, cfg=1.5, cfg_text=3.0, cfg_image=1.5),
         adapter_hidden=128,
         timestep_freq_dim=64,
         image_size=64,

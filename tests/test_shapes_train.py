@@ -15,7 +15,7 @@ SHIPPED = ROOT / "checkpoints" / "shapes"
 # Floors for n=20 held-out scenes, well below what the shipped checkpoint measures at n=100 (understanding
 # 0.991, generation 0.85, edit 0.74, AE 34.5 dB; the issue's targets are 0.85 / 0.9 / 0.8 / 30 dB, see
 # README): a broken export, checkpoint or pipeline (random weights: generation and edit ~0) falls below.
-FLOORS = {"generation": 0.6, "understanding": 0.9, "edit": 0.5, "ae_psnr": 32.0}
+FLOORS = {"generation": 0.6, "understanding": 0.9, "edit": 0.5, "ae_psnr": 30.0}
 # jitter_share of the shipped autoencoder measures 0.018 / 0.051 (one / two shapes); an autoencoder trained
 # without the smoothness term, 0.31 / 0.58
 JITTER_CEILING = 0.1
@@ -75,6 +75,63 @@ def test_decoder_finetune_moves_only_the_decoder(tmp_path):
     meta = json.loads((tmp_path / "ft" / "train.json").read_text())
     assert meta["decoder_finetune"][-1]["steps"] == 2
     assert (tmp_path / "ft" / "tokenizer.json").read_bytes() == (SHIPPED / "tokenizer.json").read_bytes()
+    # with latent noise: still only the decoder moves, and it moves elsewhere than without
+    s.dec_latent_noise = 0.2
+    rec = finetune_decoder(SHIPPED, tmp_path / "noisy", s, echo=lambda *_: None)
+    c = load_file(str(tmp_path / "noisy" / "model.safetensors"))
+    assert all(torch.equal(a[k], c[k]) for k in a if not k.startswith("ae.decoder."))
+    assert any(not torch.equal(b[k], c[k]) for k in changed)
+    assert rec["settings"]["dec_latent_noise"] == 0.2
+
+
+def test_joint_finetune_keeps_the_autoencoder_and_saves_average_and_last(tmp_path):
+    """``train-shapes --joint-from --average``: the autoencoder (so every latent and the scaling factor)
+    stays bit for bit, the backbone moves, the averaged weights lie between the start and the last step
+    (out/last/ holds those), and train.json gains the stage's record."""
+    if not (SHIPPED / "model.safetensors").exists():
+        pytest.skip("no shipped checkpoint at checkpoints/shapes")
+    from safetensors.torch import load_file
+
+    from emma_export.shapes.train import TrainSettings, finetune_joint
+
+    s = TrainSettings(minutes=1.0, steps=3, batch_und=2, batch_gen=2, batch_edit=2, lr=5e-4, progress=False)
+    rec = finetune_joint(SHIPPED, tmp_path / "ft", s, average=0.9, echo=lambda *_: None)
+    assert rec["steps"] == 3
+    a = load_file(str(SHIPPED / "model.safetensors"))
+    avg = load_file(str(tmp_path / "ft" / "model.safetensors"))
+    last = load_file(str(tmp_path / "ft" / "last" / "model.safetensors"))
+    assert a.keys() == avg.keys() == last.keys()
+    assert all(torch.equal(a[k], avg[k]) and torch.equal(a[k], last[k]) for k in a if k.startswith("ae."))
+    moved = [k for k in a if k.startswith("llm.") and not torch.equal(a[k], last[k])]
+    assert moved
+    # the average has moved less far from the start than the last step
+    d_avg = sum(float((avg[k].float() - a[k].float()).norm()) for k in moved)
+    d_last = sum(float((last[k].float() - a[k].float()).norm()) for k in moved)
+    assert 0 < d_avg < d_last
+    meta = json.loads((tmp_path / "ft" / "train.json").read_text())
+    assert meta["joint_finetune"][-1]["steps"] == 3 and meta["joint_finetune"][-1]["settings"]["average"] == 0.9
+    assert json.loads((tmp_path / "ft" / "config.json").read_text()) == json.loads((SHIPPED / "config.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--joint-from", str(SHIPPED), "--decoder-from", str(SHIPPED)], "one of --decoder-from and --joint-from"),
+        (["--average", "0.999"], "--average applies to --joint-from only"),
+        (["--joint-from", str(SHIPPED), "--average", "1.5"], "--average must be at least 0 and below 1"),
+        (["--joint-from", str(SHIPPED), "--batch", "0", "0", "0"], "--batch needs three row counts"),
+        (["--joint-from", str(ROOT / "tests")], "tests: no model.safetensors"),
+    ],
+)
+def test_train_shapes_joint_from_bad_arguments(tmp_path, args, message):
+    from click.testing import CliRunner
+
+    from emma_export.cli import main
+
+    r = CliRunner().invoke(main, ["train-shapes", "--out", str(tmp_path / "o"), "--quiet", *args])
+    assert r.exit_code != 0
+    assert message in r.output
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.fixture(scope="module")

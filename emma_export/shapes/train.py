@@ -88,6 +88,9 @@ class TrainSettings:
     dec_steps: int | None = None  # fixed step count instead (repeatable runs, smoke tests)
     dec_batch: int = 16
     dec_lr: float = 3e-4
+    # if > 0: the decoder sees z + noise * std_c(z), so latents a sampler lands slightly off the
+    # encoder's manifold still decode to crisp edges
+    dec_latent_noise: float = 0.0
     batch_und: int = 24
     # Questions that bind a colour word to an image region (colour, shape, presence) learn slowest:
     # trained alone they reach ~80% in a minute, at an even share of a mixed batch they sat at
@@ -335,6 +338,7 @@ def train_decoder(model: EMMA, s: TrainSettings, seconds: float, log: Callable[[
         p.requires_grad_(True)
     opt = _optimizer(dec.parameters(), s.dec_lr, 0.0)
     stream = Stream(s.seed * 7 + 8 if stream_seed is None else stream_seed)
+    gen = torch.Generator().manual_seed(stream.seed + 1)
     clock = Clock(seconds, s.dec_steps)
     bar = _Bar("decoder", s.progress)
     step = 0
@@ -345,6 +349,8 @@ def train_decoder(model: EMMA, s: TrainSettings, seconds: float, log: Callable[[
         x = to_tensor([e.image for e in stream.take(s.dec_batch)])
         with torch.no_grad():
             z = ae.encoder(x)
+            if s.dec_latent_noise > 0:
+                z = z + s.dec_latent_noise * z.std(dim=(0, 2, 3), keepdim=True) * torch.randn(z.shape, generator=gen)
         rec = F.mse_loss(dec(z), x)
         _descend(opt, rec, dec.parameters(), 10.0)
         step += 1
@@ -621,13 +627,44 @@ def copy_versatile_expert(model: EMMA) -> None:
             e.load_state_dict(model.vision.experts[0].state_dict())
 
 
-def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: Callable[[dict], None]) -> tuple[int, float]:
+class WeightAverage:
+    """An exponential moving average of the trainable weights (``decay`` per step, bias-corrected at the
+    start): flow-matching samplers are known to draw better from the averaged weights than from the
+    last step's, which still carry the last few batches' noise."""
+
+    def __init__(self, params: list[torch.nn.Parameter], decay: float):
+        self.params = params
+        self.decay = decay
+        self.avg = [p.detach().clone() for p in params]
+        self.n = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.n += 1
+        d = min(self.decay, (1.0 + self.n) / (10.0 + self.n))
+        for a, p in zip(self.avg, self.params):
+            a.lerp_(p.detach(), 1.0 - d)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for a, p in zip(self.avg, self.params):
+            p.copy_(a)
+
+
+def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: Callable[[dict], None],
+                stream_seed: int | None = None, average: float = 0.0,
+                keep_last: Callable[[EMMA], None] | None = None) -> tuple[int, float]:
+    """The three tasks together. ``stream_seed`` (a continued run) draws scenes, rows and noise the first
+    run did not; ``average`` > 0 leaves the model holding the EMA of its weights at that decay, after
+    handing the last step's weights to ``keep_last``."""
     params = _trainable(model)
     for p in params:
         p.requires_grad_(True)
     opt = _optimizer(params, s.lr, s.weight_decay)
-    stream = Stream(s.seed * 7 + 3)
-    builder = BatchBuilder(model, tokenizer, s, random.Random(s.seed * 7 + 4), torch.Generator().manual_seed(s.seed * 7 + 5))
+    base = s.seed * 7 + 3 if stream_seed is None else stream_seed
+    stream = Stream(base)
+    builder = BatchBuilder(model, tokenizer, s, random.Random(base + 1), torch.Generator().manual_seed(base + 2))
+    wa = WeightAverage(params, average) if average > 0 else None
     model.train()
     model.ae.eval()
     clock = Clock(seconds, s.steps)
@@ -642,6 +679,8 @@ def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: C
         losses = builder.forward(*builder.rows(und, gen, edit))
         loss = losses.get("ce", torch.zeros(())) + s.fm_weight * losses.get("fm", torch.zeros(()))
         _descend(opt, loss, params, 1.0)
+        if wa is not None:
+            wa.update()
         step += 1
         for k_, v_ in losses.items():
             ema[k_] = _ema(ema.get(k_), float(v_.detach()))
@@ -652,6 +691,10 @@ def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: C
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if wa is not None:
+        if keep_last is not None:
+            keep_last(model)
+        wa.copy_to_model()
     return step, clock.elapsed()
 
 
@@ -747,10 +790,70 @@ def finetune_decoder(src: str | Path, out: str | Path, settings: TrainSettings, 
         for name in ("tokenizer.json", "config.json"):
             shutil.copyfile(src / name, out / name)
     meta = json.loads((src / "train.json").read_text()) if (src / "train.json").exists() else {}
-    rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "dec_batch": s.dec_batch, "dec_lr": s.dec_lr},
+    rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "dec_batch": s.dec_batch, "dec_lr": s.dec_lr,
+                        "dec_latent_noise": s.dec_latent_noise},
            "steps": steps, "seconds": secs, "val_psnr_before": before, "val_psnr_after": after}
     meta.setdefault("decoder_finetune", []).append(rec)
     meta.setdefault("history", []).extend(history)
+    tmp = out / "train.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1) + "\n")
+    tmp.replace(out / "train.json")
+    return rec
+
+
+def finetune_joint(src: str | Path, out: str | Path, settings: TrainSettings, average: float = 0.0,
+                   echo: Callable[[str], None] = print) -> dict:
+    """The joint stage continued on a trained checkpoint for ``settings.minutes`` (a fresh warm-up and
+    cosine schedule from ``settings.lr``, the batch mix of ``settings``, a data stream the first run
+    did not draw): the autoencoder, and so every latent and ``scaling_factor``, stay bit for bit.
+    ``average`` > 0 saves the EMA of the weights at that decay instead of the last step's. ``out``
+    gets the checkpoint, the same tokenizer and config, and ``train.json`` with a ``joint_finetune``
+    record and the stage's history appended."""
+    import shutil
+
+    from ..weights.checkpoint import load_checkpoint, save_checkpoint
+
+    s = settings
+    src, out = Path(src), Path(out)
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    model = load_checkpoint(src / "model.safetensors").float().eval()
+    fix_router(model)
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+    history: list[dict] = []
+
+    def log(rec: dict) -> None:
+        history.append(rec)
+        if not s.progress:
+            echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+
+    # a stream the first run's stages did not draw from (the decoder fine-tune uses +9)
+    n_done = len(json.loads((src / "train.json").read_text()).get("joint_finetune", [])) if (src / "train.json").exists() else 0
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save(m: EMMA, folder: Path) -> None:
+        copy_versatile_expert(m)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(m, folder / "model.safetensors", dtype=torch.float16)
+        if src.resolve() != folder.resolve():
+            for name in ("tokenizer.json", "config.json"):
+                shutil.copyfile(src / name, folder / name)
+
+    # with averaging, the last step's weights go to out/last/ too, so the two can be compared on val
+    steps, secs = train_joint(model, tok, s, s.minutes * 60.0, log, stream_seed=s.seed * 7 + 11 + 3 * n_done, average=average,
+                              keep_last=lambda m: save(m, out / "last"))
+    last = next((h for h in reversed(history) if h.get("stage") == "joint"), {})
+    echo(f"joint fine-tune: {steps} steps in {secs:.0f} s " + "  ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("stage", "step", "t")))
+    save(model, out)
+    meta = json.loads((src / "train.json").read_text()) if (src / "train.json").exists() else {}
+    rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "lr": s.lr, "batch_und": s.batch_und, "batch_gen": s.batch_gen,
+                        "batch_edit": s.batch_edit, "average": average, "steps": s.steps},
+           "steps": steps, "seconds": secs, "final": {k: v for k, v in last.items() if k not in ("stage", "step", "t")}}
+    meta.setdefault("joint_finetune", []).append(rec)
+    meta.setdefault("history", []).extend({**h, "stage": "joint_finetune"} for h in history)
     tmp = out / "train.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     tmp.replace(out / "train.json")
