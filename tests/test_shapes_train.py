@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "checkpoints" / "shapes"
 
 # Floors for n=20 held-out scenes, well below what the shipped checkpoint measures at n=100 (understanding
-# 0.991, generation 0.85, edit 0.74, AE 34.5 dB; the targets are 0.85 / 0.9 / 0.8 / 30 dB, see
+# 0.999, generation 0.86, edit 0.87, AE 31.4 dB; the targets are 0.85 / 0.9 / 0.8 / 30 dB, see
 # README): a broken export, checkpoint or pipeline (random weights: generation and edit ~0) falls below.
 FLOORS = {"generation": 0.6, "understanding": 0.9, "edit": 0.5, "ae_psnr": 30.0}
 # jitter_share of the shipped autoencoder measures 0.018 / 0.051 (one / two shapes); an autoencoder trained
