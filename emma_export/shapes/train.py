@@ -1,6 +1,7 @@
 """Train a small EMMA on the shapes world (issue #10), with the reference model's own classes.
 
-Three stages, one time budget (``minutes``):
+Three stages, one time budget (``minutes``); ``finetune_joint`` and ``finetune_decoder`` continue stage 2 or 3 on a
+trained checkpoint:
 
 1. **Autoencoder** (``ae_share`` of the budget): MSE reconstruction of train-split images, small
    batches, a light penalty that keeps the raw latents O(1), residual branches initialised to the
@@ -757,22 +758,19 @@ def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfi
     return rep
 
 
-def finetune_decoder(src: str | Path, out: str | Path, settings: TrainSettings, echo: Callable[[str], None] = print) -> dict:
-    """The decoder-only stage on a trained checkpoint (``settings.minutes`` of it): ``out`` gets the
-    checkpoint with the new decoder, the same tokenizer and config, and ``train.json`` with a
-    ``decoder_finetune`` record (settings, steps, val PSNR before and after) and the stage's history.
-    Every other weight is copied bit for bit (fp16 in, fp16 out)."""
-    import shutil
+# ---- continuing a trained checkpoint ----------------------------------------------------------
 
-    from ..weights.checkpoint import load_checkpoint, save_checkpoint
 
-    s = settings
-    src, out = Path(src), Path(out)
+def _load_trained(src: Path, s: TrainSettings) -> EMMA:
+    from ..weights.checkpoint import load_checkpoint
+
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    model = load_checkpoint(src / "model.safetensors").float().eval()
-    _, before = measure_latents(model, s.seed, s.measure_n)
+    return load_checkpoint(src / "model.safetensors").float().eval()
+
+
+def _logger(s: TrainSettings, echo: Callable[[str], None]) -> tuple[list[dict], Callable[[dict], None]]:
     history: list[dict] = []
 
     def log(rec: dict) -> None:
@@ -780,24 +778,56 @@ def finetune_decoder(src: str | Path, out: str | Path, settings: TrainSettings, 
         if not s.progress:
             echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
 
-    # a stream the first run's stages did not draw from (different seed offset)
-    steps, secs = train_decoder(model, s, s.minutes * 60.0, log, stream_seed=s.seed * 7 + 9)
-    _, after = measure_latents(model, s.seed, s.measure_n)
-    echo(f"decoder: {steps} steps in {secs:.0f} s, val PSNR {before:.2f} -> {after:.2f} dB")
-    out.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(model, out / "model.safetensors", dtype=torch.float16)
-    if src.resolve() != out.resolve():
+    return history, log
+
+
+def _save_trained(model: EMMA, src: Path, folder: Path) -> None:
+    """fp16 weights, and the source's tokenizer and config beside them."""
+    import shutil
+
+    from ..weights.checkpoint import save_checkpoint
+
+    folder.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(model, folder / "model.safetensors", dtype=torch.float16)
+    if src.resolve() != folder.resolve():
         for name in ("tokenizer.json", "config.json"):
-            shutil.copyfile(src / name, out / name)
-    meta = json.loads((src / "train.json").read_text()) if (src / "train.json").exists() else {}
-    rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "dec_batch": s.dec_batch, "dec_lr": s.dec_lr,
-                        "dec_latent_noise": s.dec_latent_noise},
-           "steps": steps, "seconds": secs, "val_psnr_before": before, "val_psnr_after": after}
-    meta.setdefault("decoder_finetune", []).append(rec)
+            shutil.copyfile(src / name, folder / name)
+
+
+def _past_records(src: Path) -> dict:
+    return json.loads((src / "train.json").read_text()) if (src / "train.json").exists() else {}
+
+
+def _append_record(src: Path, out: Path, key: str, rec: dict, history: list[dict]) -> None:
+    """The source's train.json with ``rec`` appended under ``key`` and the stage's history, written
+    atomically to ``out``."""
+    meta = _past_records(src)
+    meta.setdefault(key, []).append(rec)
     meta.setdefault("history", []).extend(history)
     tmp = out / "train.json.tmp"
     tmp.write_text(json.dumps(meta, indent=1) + "\n")
     tmp.replace(out / "train.json")
+
+
+def finetune_decoder(src: str | Path, out: str | Path, settings: TrainSettings, echo: Callable[[str], None] = print) -> dict:
+    """The decoder-only stage on a trained checkpoint (``settings.minutes`` of it): ``out`` gets the
+    checkpoint with the new decoder, the same tokenizer and config, and ``train.json`` with a
+    ``decoder_finetune`` record (settings, steps, val PSNR before and after) and the stage's history.
+    Every other weight is copied bit for bit (fp16 in, fp16 out)."""
+    s = settings
+    src, out = Path(src), Path(out)
+    model = _load_trained(src, s)
+    _, before = measure_latents(model, s.seed, s.measure_n)
+    history, log = _logger(s, echo)
+    # a stream the first run's stages did not draw from (different seed offset)
+    steps, secs = train_decoder(model, s, s.minutes * 60.0, log, stream_seed=s.seed * 7 + 9)
+    _, after = measure_latents(model, s.seed, s.measure_n)
+    echo(f"decoder: {steps} steps in {secs:.0f} s, val PSNR {before:.2f} -> {after:.2f} dB")
+    _save_trained(model, src, out)
+    rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "dec_batch": s.dec_batch, "dec_lr": s.dec_lr,
+                        "dec_latent_noise": s.dec_latent_noise},
+           "steps": steps, "seconds": secs, "val_psnr_before": before, "val_psnr_after": after}
+    _append_record(src, out, "decoder_finetune", rec, history)
     return rec
 
 
@@ -806,55 +836,32 @@ def finetune_joint(src: str | Path, out: str | Path, settings: TrainSettings, av
     """The joint stage continued on a trained checkpoint for ``settings.minutes`` (a fresh warm-up and
     cosine schedule from ``settings.lr``, the batch mix of ``settings``, a data stream the first run
     did not draw): the autoencoder, and so every latent and ``scaling_factor``, stay bit for bit.
-    ``average`` > 0 saves the EMA of the weights at that decay instead of the last step's. ``out``
-    gets the checkpoint, the same tokenizer and config, and ``train.json`` with a ``joint_finetune``
-    record and the stage's history appended."""
-    import shutil
-
-    from ..weights.checkpoint import load_checkpoint, save_checkpoint
+    ``average`` > 0 saves the EMA of the weights at that decay instead of the last step's (those go to
+    ``out/last/``, so the two can be compared on val). ``out`` gets the checkpoint, the same tokenizer
+    and config, and ``train.json`` with a ``joint_finetune`` record and the stage's history appended."""
+    from tokenizers import Tokenizer
 
     s = settings
     src, out = Path(src), Path(out)
-    if s.threads:
-        torch.set_num_threads(s.threads)
-    torch.manual_seed(s.seed)
-    model = load_checkpoint(src / "model.safetensors").float().eval()
+    model = _load_trained(src, s)
     fix_router(model)
-    from tokenizers import Tokenizer
-
     tok = Tokenizer.from_file(str(src / "tokenizer.json"))
-    history: list[dict] = []
-
-    def log(rec: dict) -> None:
-        history.append(rec)
-        if not s.progress:
-            echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
-
-    # a stream the first run's stages did not draw from (the decoder fine-tune uses +9)
-    n_done = len(json.loads((src / "train.json").read_text()).get("joint_finetune", [])) if (src / "train.json").exists() else 0
-    out.mkdir(parents=True, exist_ok=True)
+    history, log = _logger(s, echo)
 
     def save(m: EMMA, folder: Path) -> None:
         copy_versatile_expert(m)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(m, folder / "model.safetensors", dtype=torch.float16)
-        if src.resolve() != folder.resolve():
-            for name in ("tokenizer.json", "config.json"):
-                shutil.copyfile(src / name, folder / name)
+        _save_trained(m, src, folder)
 
-    # with averaging, the last step's weights go to out/last/ too, so the two can be compared on val
+    # a stream neither the first run's stages (+3, the decoder fine-tune +9) nor an earlier continuation drew
+    n_done = len(_past_records(src).get("joint_finetune", []))
     steps, secs = train_joint(model, tok, s, s.minutes * 60.0, log, stream_seed=s.seed * 7 + 11 + 3 * n_done, average=average,
                               keep_last=lambda m: save(m, out / "last"))
     last = next((h for h in reversed(history) if h.get("stage") == "joint"), {})
-    echo(f"joint fine-tune: {steps} steps in {secs:.0f} s " + "  ".join(f"{k}={v:.4f}" for k, v in last.items() if k not in ("stage", "step", "t")))
+    final = {k: v for k, v in last.items() if k not in ("stage", "step", "t")}
+    echo(f"joint fine-tune: {steps} steps in {secs:.0f} s " + "  ".join(f"{k}={v:.4f}" for k, v in final.items()))
     save(model, out)
-    meta = json.loads((src / "train.json").read_text()) if (src / "train.json").exists() else {}
     rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "lr": s.lr, "batch_und": s.batch_und, "batch_gen": s.batch_gen,
                         "batch_edit": s.batch_edit, "average": average, "steps": s.steps},
-           "steps": steps, "seconds": secs, "final": {k: v for k, v in last.items() if k not in ("stage", "step", "t")}}
-    meta.setdefault("joint_finetune", []).append(rec)
-    meta.setdefault("history", []).extend({**h, "stage": "joint_finetune"} for h in history)
-    tmp = out / "train.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=1) + "\n")
-    tmp.replace(out / "train.json")
+           "steps": steps, "seconds": secs, "final": final}
+    _append_record(src, out, "joint_finetune", rec, [{**h, "stage": "joint_finetune"} for h in history])
     return rec
