@@ -366,8 +366,9 @@ def _shapes() -> EMMAConfig:
             rope_theta=10_000.0,
             max_position_embeddings=512,
         ),
-        # guidance chosen on the val split (scripts/sampler_sweep.py, n=120): generation 0.81 at cfg 1.5,
-        # 0.74 at 2, 0.69 at 3; 32 steps no better than 16; editing best at the (2, 1.5) it had
+        # guidance chosen on the val split (scripts/sampler_sweep.py, n=200, after the joint fine-tune):
+        # generation 0.82 at cfg 1.5, 0.81 at 2, 0.73 at 3, 32 steps no better than 16; editing 0.835 at
+        # cfg_text 3 against 0.805 at 2 (cfg_image 1.5 best of 1, 1.5, 2.5)
         sampler=SamplerConfig(steps=16, shift=1.0, cfg=1.5, cfg_text=3.0, cfg_image=1.5),
         adapter_hidden=128,
         timestep_freq_dim=64,

@@ -629,9 +629,10 @@ def copy_versatile_expert(model: EMMA) -> None:
 
 
 class WeightAverage:
-    """An exponential moving average of the trainable weights (``decay`` per step, bias-corrected at the
-    start): flow-matching samplers are known to draw better from the averaged weights than from the
-    last step's, which still carry the last few batches' noise."""
+    """An exponential moving average of the trainable weights (``decay`` per step, warmed up over the
+    first steps): the last step's weights carry the last few batches' noise, which a sampler integrates
+    over every step. On the shipped checkpoint's fine-tune the two measured within 2 points of each
+    other on val (generation 0.83 / 0.81, editing 0.81 / 0.83, n=100)."""
 
     def __init__(self, params: list[torch.nn.Parameter], decay: float):
         self.params = params
@@ -718,12 +719,7 @@ def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfi
     init_adapters_for_scratch(model)
     fix_router(model)
     tok = word_merging_tokenizer(world.vocabulary(), cfg.llm.vocab_size)
-    history: list[dict] = []
-
-    def log(rec: dict) -> None:
-        history.append(rec)
-        if not s.progress:
-            echo("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in rec.items()))
+    history, log = _logger(s, echo)
 
     t0 = time.perf_counter()
     total = s.minutes * 60.0
