@@ -41,6 +41,8 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, dec_l
 
     if decoder_from and joint_from:
         _fail("give one of --decoder-from and --joint-from")
+    if dec_latent_noise < 0:
+        _fail("--dec-latent-noise must be at least 0")
     if not 0.0 <= average < 1.0:
         _fail("--average must be at least 0 and below 1")
     if average and not joint_from:
@@ -57,8 +59,6 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, dec_l
         _fail("--dec-share must be at least 0 and leave time for the joint stage (below 1 - --ae-share)")
     s = TrainSettings(minutes=minutes, seed=seed, ae_share=ae_share, ae_steps=ae_steps, steps=steps, dec_share=dec_share,
                       threads=threads, progress=not quiet)
-    if dec_latent_noise < 0:
-        _fail("--dec-latent-noise must be at least 0")
     s.dec_latent_noise = dec_latent_noise
     if lr is not None:
         s.lr = lr

@@ -794,10 +794,9 @@ def _past_records(src: Path) -> dict:
     return json.loads((src / "train.json").read_text()) if (src / "train.json").exists() else {}
 
 
-def _append_record(src: Path, out: Path, key: str, rec: dict, history: list[dict]) -> None:
-    """The source's train.json with ``rec`` appended under ``key`` and the stage's history, written
-    atomically to ``out``."""
-    meta = _past_records(src)
+def _append_record(meta: dict, out: Path, key: str, rec: dict, history: list[dict]) -> None:
+    """The source's train.json (``meta``) with ``rec`` appended under ``key`` and the stage's history,
+    written atomically to ``out``."""
     meta.setdefault(key, []).append(rec)
     meta.setdefault("history", []).extend(history)
     tmp = out / "train.json.tmp"
@@ -823,7 +822,7 @@ def finetune_decoder(src: str | Path, out: str | Path, settings: TrainSettings, 
     rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "dec_batch": s.dec_batch, "dec_lr": s.dec_lr,
                         "dec_latent_noise": s.dec_latent_noise},
            "steps": steps, "seconds": secs, "val_psnr_before": before, "val_psnr_after": after}
-    _append_record(src, out, "decoder_finetune", rec, history)
+    _append_record(_past_records(src), out, "decoder_finetune", rec, history)
     return rec
 
 
@@ -849,7 +848,8 @@ def finetune_joint(src: str | Path, out: str | Path, settings: TrainSettings, av
         _save_trained(m, src, folder)
 
     # a stream neither the first run's stages (+3, the decoder fine-tune +9) nor an earlier continuation drew
-    n_done = len(_past_records(src).get("joint_finetune", []))
+    meta = _past_records(src)
+    n_done = len(meta.get("joint_finetune", []))
     steps, secs = train_joint(model, tok, s, s.minutes * 60.0, log, stream_seed=s.seed * 7 + 11 + 3 * n_done, average=average,
                               keep_last=lambda m: save(m, out / "last"))
     last = next((h for h in reversed(history) if h.get("stage") == "joint"), {})
@@ -859,5 +859,5 @@ def finetune_joint(src: str | Path, out: str | Path, settings: TrainSettings, av
     rec = {"settings": {"minutes": s.minutes, "seed": s.seed, "lr": s.lr, "batch_und": s.batch_und, "batch_gen": s.batch_gen,
                         "batch_edit": s.batch_edit, "average": average, "steps": s.steps},
            "steps": steps, "seconds": secs, "final": final}
-    _append_record(src, out, "joint_finetune", rec, [{**h, "stage": "joint_finetune"} for h in history])
+    _append_record(meta, out, "joint_finetune", rec, [{**h, "stage": "joint_finetune"} for h in history])
     return rec
