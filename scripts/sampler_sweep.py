@@ -2,7 +2,7 @@
 one): generation and editing success of the PyTorch reference for a grid of settings, same scenes and
 noise for every setting. Prints a table and writes out/shapes/sampler-sweep.json.
 
-    python scripts/sampler_sweep.py [--checkpoint checkpoints/shapes] [--n 40]
+    python scripts/sampler_sweep.py [--checkpoint checkpoints/shapes] [--n 40] [--cfg ...] [--steps ...] [--shift ...]
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--cfg", type=float, nargs="+", default=[1.5, 2.0, 3.0, 4.0])
     ap.add_argument("--steps", type=int, nargs="+", default=[16])
+    ap.add_argument("--shift", type=float, nargs="+", default=[1.0])
     ap.add_argument("--cfg-text", type=float, nargs="+", default=[1.5, 2.0, 3.0])
     ap.add_argument("--cfg-image", type=float, nargs="+", default=[1.0, 1.5, 2.0])
     ap.add_argument("--out", default="out/shapes/sampler-sweep.json")
@@ -45,14 +46,14 @@ def main() -> None:
     C = model.cfg.ae.latent_channels
     res: dict = {"checkpoint": str(ck), "split": "val", "n": a.n, "config_sampler": s.__dict__, "generate": [], "edit": []}
 
-    for cfg, steps in itertools.product(a.cfg, a.steps):
+    for cfg, steps, shift in itertools.product(a.cfg, a.steps, a.shift):
         t0 = time.perf_counter()
         ok = []
         for i, e in enumerate(exs):
-            img = P.generate(model, tok, e.caption_detailed, initial_noise(a.seed + i, C, 2, 2), steps=steps, cfg_scale=cfg).image
+            img = P.generate(model, tok, e.caption_detailed, initial_noise(a.seed + i, C, 2, 2), steps=steps, cfg_scale=cfg, shift=shift).image
             ok.append(bool(scene_matches(detect(_to_uint8(img.numpy())), e.caption_detailed)["all"]))
-        res["generate"].append({"cfg": cfg, "steps": steps, "success": float(np.mean(ok)), "seconds": time.perf_counter() - t0})
-        print(f"generate cfg {cfg:g} steps {steps}: {np.mean(ok):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        res["generate"].append({"cfg": cfg, "steps": steps, "shift": shift, "success": float(np.mean(ok)), "seconds": time.perf_counter() - t0})
+        print(f"generate cfg {cfg:g} steps {steps} shift {shift:g}: {np.mean(ok):.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     for ct, ci in itertools.product(a.cfg_text, a.cfg_image):
         t0 = time.perf_counter()

@@ -273,7 +273,8 @@ def test_int8_keeps_the_down_projections_and_the_latent_stage_high():
     """Measured on trained shapes checkpoints: INT8 backbones missed the tolerance with the SwiGLU down
     projections quantized (backbone_gen rel L2 0.11, then backbone_und 0.106; 0.026 / 0.021 without), the
     autoencoder encoder with its deepest stage quantized (0.103-0.138; 0.044-0.054 without). FP8 keeps
-    them quantized."""
+    the down projections quantized; its encoder keeps the latent stage high too (held-out AE PSNR -1.48 dB
+    with it in E4M3, -1.21 dB without, n=400)."""
     import re
 
     from emma_export.config import get_config
@@ -288,7 +289,8 @@ def test_int8_keeps_the_down_projections_and_the_latent_stage_high():
     earlier = "/encoder/down_blocks.4/down_blocks.4.0/conv1/Conv"
     ex8 = plan("ae_encoder", "int8", False, cfg).exclude
     assert any(re.search(p, last) for p in ex8) and not any(re.search(p, earlier) for p in ex8)
-    assert not any(re.search(p, last) for p in plan("ae_encoder", "fp8", False, cfg).exclude)
+    ex_fp8 = plan("ae_encoder", "fp8", False, cfg).exclude
+    assert any(re.search(p, last) for p in ex_fp8) and not any(re.search(p, earlier) for p in ex_fp8)
     # fp8 keeps the Gen adapter high (generation -2.25 points with it quantized, n=400); int8 quantizes it
     assert plan("gen_adapter", "fp8", False, cfg).method == "none"
     assert plan("gen_adapter", "int8", False, cfg).method == "modelopt-int8"
