@@ -37,8 +37,9 @@ _COLOUR_RGB = np.array([PALETTE[c] for c in _COLOUR_NAMES], dtype=np.float32)
 # (Gaussian radius 0.7 and 1.2 px), never on model outputs.  Skew: triangles 0.10 .. 0.16, others 0.
 # Fill difference: squares +0.22 .. +0.48, circles -0.32 .. +0.02, triangles -0.04 .. +0.08.
 # A fill-ratio rule (square >= 0.90, triangle < 0.70) read 93% of those blurred scenes and 91% of an
-# earlier shipped autoencoder's own reconstructions of val scenes right (this rule: 100% and 100%): a small circle's rim decodes slightly polygonal, a small
-# square's corners slightly round, and both crossed its fixed fill bands.
+# earlier shipped autoencoder's own reconstructions of val scenes right (this rule: 100% and 100%):
+# a small circle's rim decodes slightly polygonal, a small square's corners slightly round, and both
+# crossed its fixed fill bands.
 TRIANGLE_MIN_SKEW = 0.06
 SQUARE_MIN_FILL_GAP = 0.15
 CIRCLE_MIN_FILL_GAP = -0.40  # below: diamond-like, no kind of the world
@@ -162,10 +163,9 @@ def kind_from_geometry(fill: float, diag_fill: float, skew: float) -> str:
     return "diamond"
 
 
-def _geometry(ys: np.ndarray, xs: np.ndarray) -> tuple[float, float, float]:
-    """(fill, diag_fill, skew) of the pixels at (ys, xs)."""
+def _geometry(ys: np.ndarray, xs: np.ndarray, bw: int, bh: int) -> tuple[float, float, float]:
+    """(fill, diag_fill, skew) of the pixels at (ys, xs), whose axis-aligned box is bw x bh."""
     area = float(len(xs))
-    bw, bh = int(xs.max() - xs.min()) + 1, int(ys.max() - ys.min()) + 1
     u, v = xs + ys, xs - ys
     # a pixel-unit box of diagonal extents du x dv covers du * dv / 2 pixels
     diag_area = (int(u.max() - u.min()) + 1) * (int(v.max() - v.min()) + 1) / 2.0
@@ -220,7 +220,7 @@ def detect(
             ys, xs = np.nonzero(part)
             x0, x1, y0, y1 = int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max())
             bw, bh = x1 - x0 + 1, y1 - y0 + 1
-            fill, diag_fill, skew = _geometry(ys, xs)
+            fill, diag_fill, skew = _geometry(ys, xs, bw, bh)
             found.append(
                 Detection(
                     kind=kind_from_geometry(fill, diag_fill, skew),
