@@ -101,3 +101,20 @@ def engines(bundle_dir, target_name, only, opt_level, timing_cache, workspace_gb
         total = sum(r.engine_bytes for r in results)
         click.echo(f"built {len(results)} engine(s) for {target.name} ({target.flavour}, compute capability "
                    f"{target.compute_capability}), {total / 2**20:.1f} MiB, in {time.perf_counter() - t0:.1f} s")
+
+
+@main.command()
+@click.argument("bundle_dir", metavar="BUNDLE", type=click.Path(file_okay=False))
+@click.argument("archive", type=click.Path(dir_okay=False))
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def pack(bundle_dir, archive, quiet):
+    """Pack a bundle folder into one file (.tar, or .tar.gz) for a device: `emma-run unpack` there."""
+    from emma_runtime.bundle import BundleError
+    from emma_runtime.pack import PackError, pack_bundle
+
+    try:
+        r = pack_bundle(bundle_dir, archive, progress=not quiet and sys.stderr.isatty())
+    except (BundleError, PackError) as e:
+        _fail(str(e))
+    click.echo(f"packed {bundle_dir} -> {r.archive} ({r.files} files, {r.bytes / 2**20:.1f} MiB, checksums verified, "
+               f"{r.seconds:.1f} s)")

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates .venv with the pinned CPU torch first (a loose torch requirement would pull a multi-GB
-# CUDA build), then the project and its test/upstream extras. Idempotent: a second run is quick.
+# CUDA build), then the runtime (runtime/) and the toolchain with its test/upstream extras.
+# Idempotent: a second run is quick.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -12,10 +13,12 @@ fi
 if ! .venv/bin/python -c 'import torch, sys; sys.exit(0 if torch.__version__.startswith("2.13.0") else 1)' 2>/dev/null; then
   quiet_pip .venv/bin/pip install -q torch==2.13.0
 fi
-# Reinstall the project whenever pyproject.toml changed since the last set-up.
+# Reinstall both distributions whenever either pyproject.toml changed since the last set-up. The
+# runtime (runtime/, emma-runtime) goes first: it is not on PyPI, and the toolchain depends on it.
 stamp=.venv/.emma-deploy-deps
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml runtime/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  quiet_pip .venv/bin/pip install -q -e ./runtime
   quiet_pip .venv/bin/pip install -q -e '.[test]'
   echo "$want" > "$stamp"
 fi

@@ -111,5 +111,11 @@ def _report_image(r, out, as_json):
         click.echo(f"wrote {out} ({r.image.shape[3]}x{r.image.shape[2]}, {r.visual_tokens} visual tokens)")
 
 
+from .cli_unpack import unpack_command  # noqa: E402  (device-side commands, one module each)
+from .info import info_command  # noqa: E402
+
+main.add_command(info_command)
+main.add_command(unpack_command)
+
 if __name__ == "__main__":
     main()

@@ -22,17 +22,21 @@ def load_image(path: str | Path, cell: int, size: tuple[int, int] | None = None)
     path = Path(path)
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            H, W = size if size else (nearest_multiple(h, cell), nearest_multiple(w, cell))
-            if (H, W) != (h, w):
-                im = im.resize((W, H), Image.BICUBIC)
-            a = np.asarray(im, dtype=np.float32)
+            return from_pil(im, cell, size)
     except FileNotFoundError:
         raise ImageError(f"{path}: no such image file") from None
     except (UnidentifiedImageError, OSError) as e:
         raise ImageError(f"{path}: unreadable image ({e})") from None
-    return to_model(a)
+
+
+def from_pil(im: Image.Image, cell: int, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A PIL image -> (1, 3, H, W) float32 in [-1, 1], resized as ``load_image`` does."""
+    im = im.convert("RGB")
+    w, h = im.size
+    H, W = size if size else (nearest_multiple(h, cell), nearest_multiple(w, cell))
+    if (H, W) != (h, w):
+        im = im.resize((W, H), Image.BICUBIC)
+    return to_model(np.asarray(im, dtype=np.float32))
 
 
 def to_model(rgb: np.ndarray) -> np.ndarray:
@@ -44,6 +48,11 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     """(1, 3, H, W) in [-1, 1] -> (H, W, 3) uint8."""
     x = np.clip((image[0].transpose(1, 2, 0) + 1.0) * 127.5, 0, 255)
     return np.round(x).astype(np.uint8)
+
+
+def to_pil(image: np.ndarray) -> Image.Image:
+    """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
+    return Image.fromarray(to_uint8(image))
 
 
 def save_png(image: np.ndarray, path: str | Path) -> Path:

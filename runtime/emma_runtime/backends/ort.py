@@ -1,8 +1,17 @@
 """ONNX Runtime backend with IOBinding: inputs and outputs are bound to existing buffers, so the
-KV cache is read and written in place instead of being copied through Python every step."""
+KV cache is read and written in place instead of being copied through Python every step.
+
+On the CPU provider the buffers are numpy arrays. On the CUDA and TensorRT providers the KV cache
+lives on the GPU: ``empty`` allocates an OrtValue in device memory and ``rows`` is pointer arithmetic
+on its first axis (the cache is time-major, so a prefix or the next slot is one contiguous range),
+bound with ``bind_input``/``bind_output`` by address. Everything else a graph returns comes back to
+the host, because the pipelines read it there (router argmax, the last position's hidden state,
+guidance sums): those are a few KB per step, the cache is what grows with the context.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -10,14 +19,62 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Bundle
+from . import ort_providers as prov
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "int32": np.int32}
-_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider", "trt": "TensorrtExecutionProvider"}
-_PREFERRED = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+class OrtDeviceArray:
+    """A C-contiguous range of rows of a device OrtValue: ``ptr``, ``shape``, ``dtype``.
+
+    Holds the OrtValue it views, so the allocation lives as long as any view of it. Reading it as a
+    numpy array (``np.asarray``, indexing) copies to the host.
+    """
+
+    __slots__ = ("value", "offset", "shape", "dtype", "device_id")
+
+    def __init__(self, value: ort.OrtValue, offset: int, shape: tuple[int, ...], dtype, device_id: int):
+        self.value = value
+        self.offset = int(offset)
+        self.shape = tuple(int(s) for s in shape)
+        self.dtype = np.dtype(dtype)
+        self.device_id = device_id
+
+    @property
+    def ptr(self) -> int:
+        return self.value.data_ptr() + self.offset
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def numpy(self) -> np.ndarray:
+        whole = self.value.numpy()  # the OrtValue's full buffer, copied to the host
+        row = math.prod(whole.shape[1:]) * self.dtype.itemsize
+        start = self.offset // row if row else 0
+        return np.ascontiguousarray(whole[start : start + self.shape[0]].reshape(self.shape))
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.numpy()
+        return a if dtype is None else a.astype(dtype, copy=False)
+
+    def __getitem__(self, index):
+        return self.numpy()[index]
+
+    def __repr__(self) -> str:
+        return f"OrtDeviceArray(shape={self.shape}, dtype={self.dtype}, cuda:{self.device_id})"
 
 
 class OrtSession:
-    def __init__(self, path: str, providers: list[str], name: str, info, graph_optimizations: bool = True):
+    def __init__(self, path: str, providers: list, name: str, info, graph_optimizations: bool = True,
+                 choice: prov.ProviderChoice | None = None):
         so = ort.SessionOptions()
         # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
         if not graph_optimizations:
@@ -32,7 +89,10 @@ class OrtSession:
         if os.environ.get("EMMA_ORT_THREADS"):
             so.intra_op_num_threads = int(os.environ["EMMA_ORT_THREADS"])
         self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
+        if choice is not None:
+            prov.check_loaded(self.sess, choice, name)
         self.name = name
+        self.device_id = choice.device_id if choice is not None else 0
         self.input_names = [i.name for i in self.sess.get_inputs()]
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_dtypes = {t.name: _NP[t.dtype] for t in info.inputs}
@@ -46,6 +106,12 @@ class OrtSession:
         for n in self.input_names:
             a = inputs[n]
             want = self.input_dtypes[n]
+            if isinstance(a, OrtDeviceArray):
+                if a.dtype != want:
+                    raise ValueError(f"{self.name}: input '{n}' is a {a.dtype} device array, the graph takes {np.dtype(want)}")
+                binding.bind_input(n, "cuda", a.device_id, a.dtype, list(a.shape), a.ptr)
+                continue
+            a = np.asarray(a)
             if a.dtype != want:
                 a = a.astype(want)
             if not a.flags.c_contiguous:
@@ -56,11 +122,19 @@ class OrtSession:
         for n in self.output_names:
             if n in outputs:
                 o = outputs[n]
-                if not o.flags.c_contiguous or o.dtype != self.output_dtypes[n]:
-                    raise ValueError(f"{self.name}: output buffer '{n}' must be a contiguous {self.output_dtypes[n].__name__} array")
+                want = np.dtype(self.output_dtypes[n])
+                if isinstance(o, OrtDeviceArray):
+                    if o.dtype != want:
+                        raise ValueError(f"{self.name}: output buffer '{n}' is {o.dtype}, the graph writes {want}")
+                    binding.bind_output(n, "cuda", o.device_id, o.dtype, list(o.shape), o.ptr)
+                    continue
+                if not o.flags.c_contiguous or o.dtype != want:
+                    raise ValueError(f"{self.name}: output buffer '{n}' must be a contiguous {want.name} array")
                 binding.bind_output(n, "cpu", 0, o.dtype, list(o.shape), o.ctypes.data)
             else:
                 binding.bind_output(n, "cpu")
+        # Runs synchronize the providers' streams before returning (ORT's default), so a device buffer
+        # written here is complete when the next session reads it.
         self.sess.run_with_iobinding(binding)
         result = dict(outputs)
         for n, v in zip(self.output_names, binding.get_outputs()):
@@ -72,35 +146,51 @@ class OrtSession:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, provider: str | None = None):
-        avail = ort.get_available_providers()
-        if provider:
-            full = _ALIASES.get(provider.lower(), provider)
-            if full not in avail:
-                raise ValueError(f"ONNX Runtime provider {full} is not available here (available: {', '.join(avail)})")
-            self.providers = [full] + (["CPUExecutionProvider"] if full != "CPUExecutionProvider" else [])
+    def __init__(self, provider: str | list[str] | tuple[str, ...] | None = None):
+        self.choice = prov.choose(provider)
+        self.providers = list(self.choice.providers)
+        if self.choice.gpu:
+            prov.preload_gpu_libraries(self.choice)
+            self.device = f"cuda:{self.choice.device_id}"
         else:
-            self.providers = [p for p in _PREFERRED if p in avail]
-        # Buffers are host arrays: with a GPU provider ORT copies bound inputs per run. Device-resident
-        # caches on a GPU are the TensorRT backend's job (backends/trt.py).
-        self.device = "cpu"
+            self.device = "cpu"
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.choice.gpu
 
     def open(self, bundle: Bundle, component: str) -> OrtSession:
         info = bundle.manifest.components[component]
         fp8 = info.precision == "fp8"
-        return OrtSession(str(bundle.path(info.file)), self.providers, component, info, graph_optimizations=not fp8)
+        return OrtSession(str(bundle.path(info.file)), prov.session_providers(self.choice, bundle, component), component,
+                          info, graph_optimizations=not fp8, choice=self.choice)
 
-    def empty(self, shape, dtype) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
+    def empty(self, shape, dtype):
+        if not self.on_gpu:
+            return np.empty(shape, dtype=dtype)
+        shape = tuple(int(s) for s in shape)
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, "cuda", self.choice.device_id)
+        return OrtDeviceArray(value, 0, shape, dtype, self.choice.device_id)
 
-    def from_host(self, a: np.ndarray) -> np.ndarray:
-        return a
+    def from_host(self, a: np.ndarray):
+        if not self.on_gpu:
+            return a
+        a = np.ascontiguousarray(a)
+        value = ort.OrtValue.ortvalue_from_numpy(a, "cuda", self.choice.device_id)
+        return OrtDeviceArray(value, 0, a.shape, a.dtype, self.choice.device_id)
 
-    def to_host(self, a: np.ndarray) -> np.ndarray:
-        return a
+    def to_host(self, a) -> np.ndarray:
+        return a.numpy() if isinstance(a, OrtDeviceArray) else np.asarray(a)
 
-    def rows(self, a: np.ndarray, start: int, stop: int) -> np.ndarray:
-        return a[start:stop]
+    def rows(self, a, start: int, stop: int):
+        if not isinstance(a, OrtDeviceArray):
+            return a[start:stop]
+        n = a.shape[0]
+        if not 0 <= start <= stop <= n:
+            raise IndexError(f"rows [{start}:{stop}] outside an array of {n} rows")
+        row = math.prod(a.shape[1:]) * a.dtype.itemsize
+        return OrtDeviceArray(a.value, a.offset + start * row, (stop - start,) + a.shape[1:], a.dtype, a.device_id)
 
     def describe(self) -> str:
-        return f"onnxruntime {ort.__version__} ({', '.join(self.providers)})"
+        where = f" on cuda:{self.choice.device_id}" if self.on_gpu else ""
+        return f"onnxruntime {ort.__version__} ({', '.join(self.providers)}){where}"
