@@ -25,19 +25,21 @@ _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": 
 
 
 class OrtDeviceArray:
-    """A C-contiguous range of rows of a device OrtValue: ``ptr``, ``shape``, ``dtype``.
+    """A C-contiguous range of rows of an OrtValue: ``ptr``, ``shape``, ``dtype``, and where it lives
+    (``device`` "cuda" or "cpu", ``device_id``).
 
     Holds the OrtValue it views, so the allocation lives as long as any view of it. Reading it as a
     numpy array (``np.asarray``, indexing) copies to the host.
     """
 
-    __slots__ = ("value", "offset", "shape", "dtype", "device_id")
+    __slots__ = ("value", "offset", "shape", "dtype", "device", "device_id")
 
-    def __init__(self, value: ort.OrtValue, offset: int, shape: tuple[int, ...], dtype, device_id: int):
+    def __init__(self, value: ort.OrtValue, offset: int, shape: tuple[int, ...], dtype, device: str, device_id: int):
         self.value = value
         self.offset = int(offset)
         self.shape = tuple(int(s) for s in shape)
         self.dtype = np.dtype(dtype)
+        self.device = device
         self.device_id = device_id
 
     @property
@@ -69,7 +71,7 @@ class OrtDeviceArray:
         return self.numpy()[index]
 
     def __repr__(self) -> str:
-        return f"OrtDeviceArray(shape={self.shape}, dtype={self.dtype}, cuda:{self.device_id})"
+        return f"OrtDeviceArray(shape={self.shape}, dtype={self.dtype}, {self.device}:{self.device_id})"
 
 
 class OrtSession:
@@ -109,7 +111,7 @@ class OrtSession:
             if isinstance(a, OrtDeviceArray):
                 if a.dtype != want:
                     raise ValueError(f"{self.name}: input '{n}' is a {a.dtype} device array, the graph takes {np.dtype(want)}")
-                binding.bind_input(n, "cuda", a.device_id, a.dtype, list(a.shape), a.ptr)
+                binding.bind_input(n, a.device, a.device_id, a.dtype, list(a.shape), a.ptr)
                 continue
             a = np.asarray(a)
             if a.dtype != want:
@@ -126,7 +128,7 @@ class OrtSession:
                 if isinstance(o, OrtDeviceArray):
                     if o.dtype != want:
                         raise ValueError(f"{self.name}: output buffer '{n}' is {o.dtype}, the graph writes {want}")
-                    binding.bind_output(n, "cuda", o.device_id, o.dtype, list(o.shape), o.ptr)
+                    binding.bind_output(n, o.device, o.device_id, o.dtype, list(o.shape), o.ptr)
                     continue
                 if not o.flags.c_contiguous or o.dtype != want:
                     raise ValueError(f"{self.name}: output buffer '{n}' must be a contiguous {want.name} array")
@@ -146,7 +148,10 @@ class OrtSession:
 class OrtBackend:
     name = "ort"
 
-    def __init__(self, provider: str | list[str] | tuple[str, ...] | None = None):
+    def __init__(self, provider: str | list[str] | tuple[str, ...] | None = None, ortvalue_buffers: bool | None = None):
+        """``ortvalue_buffers``: keep the KV cache in OrtValues bound by address (the default on a
+        GPU provider, where they are device memory). On the CPU provider it runs the same binding
+        path in host memory, which is how that path is tested without a GPU."""
         self.choice = prov.choose(provider)
         self.providers = list(self.choice.providers)
         if self.choice.gpu:
@@ -154,6 +159,8 @@ class OrtBackend:
             self.device = f"cuda:{self.choice.device_id}"
         else:
             self.device = "cpu"
+        self._buffers = self.choice.gpu if ortvalue_buffers is None else ortvalue_buffers
+        self._buffer_device = "cuda" if self.choice.gpu else "cpu"
 
     @property
     def on_gpu(self) -> bool:
@@ -166,18 +173,21 @@ class OrtBackend:
                           info, graph_optimizations=not fp8, choice=self.choice)
 
     def empty(self, shape, dtype):
-        if not self.on_gpu:
+        if not self._buffers:
             return np.empty(shape, dtype=dtype)
         shape = tuple(int(s) for s in shape)
-        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, "cuda", self.choice.device_id)
-        return OrtDeviceArray(value, 0, shape, dtype, self.choice.device_id)
+        dev, i = self._buffer_device, self.choice.device_id
+        value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, dev, i)
+        return OrtDeviceArray(value, 0, shape, dtype, dev, i)
 
     def from_host(self, a: np.ndarray):
-        if not self.on_gpu:
+        if not self._buffers:
             return a
         a = np.ascontiguousarray(a)
-        value = ort.OrtValue.ortvalue_from_numpy(a, "cuda", self.choice.device_id)
-        return OrtDeviceArray(value, 0, a.shape, a.dtype, self.choice.device_id)
+        dev, i = self._buffer_device, self.choice.device_id
+        # On the CPU the OrtValue views ``a`` (and holds a reference to it), as the numpy path would.
+        value = ort.OrtValue.ortvalue_from_numpy(a, dev, i)
+        return OrtDeviceArray(value, 0, a.shape, a.dtype, dev, i)
 
     def to_host(self, a) -> np.ndarray:
         return a.numpy() if isinstance(a, OrtDeviceArray) else np.asarray(a)
@@ -189,7 +199,7 @@ class OrtBackend:
         if not 0 <= start <= stop <= n:
             raise IndexError(f"rows [{start}:{stop}] outside an array of {n} rows")
         row = math.prod(a.shape[1:]) * a.dtype.itemsize
-        return OrtDeviceArray(a.value, a.offset + start * row, (stop - start,) + a.shape[1:], a.dtype, a.device_id)
+        return OrtDeviceArray(a.value, a.offset + start * row, (stop - start,) + a.shape[1:], a.dtype, a.device, a.device_id)
 
     def describe(self) -> str:
         where = f" on cuda:{self.choice.device_id}" if self.on_gpu else ""
