@@ -36,6 +36,7 @@ def test_provider_names_resolve_and_missing_ones_say_how_to_install():
     assert c.providers == (prov.CPU,) and not c.gpu
     assert prov.choose(None).providers[-1] == prov.CPU
     assert prov.choose(["CPUExecutionProvider"]).providers == (prov.CPU,)
+    assert prov.choose("cpu, CPUExecutionProvider").providers == (prov.CPU,)  # a command line's comma list
     with pytest.raises(ValueError, match="must be a number"):
         prov.choose("cuda:x")
     if prov.CUDA not in AVAILABLE:

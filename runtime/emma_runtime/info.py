@@ -278,10 +278,22 @@ def verdicts(b: BundleSummary, m: Machine) -> list[Verdict]:
             out.append(Verdict(way, False, f"no GPU: {m.gpu_probe}"))
         elif prov == TRT and "tensorrt" not in m.tensorrt:
             out.append(Verdict(way, False, "TensorRT's libraries are not installed: pip install 'emma-runtime[trt]'"))
+        elif prov == TRT and b.precision == "fp8" and _cc(gpu.compute_capability) < (8, 9):
+            # the CUDA provider dequantizes FP8 Q/DQ graphs and runs them; TensorRT wants FP8 tensor cores
+            out.append(Verdict(way, False, f"an fp8 bundle needs FP8 tensor cores (compute capability 8.9+) for TensorRT; "
+                                           f"GPU 0 ({gpu.name}) is {gpu.compute_capability}: use --provider cuda"))
         else:
             out.append(_fit(way, graphs, gpu.memory_free, f"GPU 0 ({gpu.name})"))
     out.append(_engine_verdict(b, m, gpu))
     return out
+
+
+def _cc(text: str) -> tuple[int, int]:
+    major, _, minor = text.partition(".")
+    try:
+        return int(major), int(minor or 0)
+    except ValueError:
+        return (0, 0)
 
 
 def _engine_verdict(b: BundleSummary, m: Machine, gpu: Gpu | None) -> Verdict:

@@ -96,7 +96,8 @@ def choose(requested: str | list[str] | tuple[str, ...] | None) -> ProviderChoic
     avail = ort.get_available_providers()
     if not requested:
         return ProviderChoice(tuple(p for p in PREFERRED if p in avail) or (CPU,))
-    names = [requested] if isinstance(requested, str) else list(requested)
+    # "cuda,cpu" from a command line is the list ["cuda", "cpu"]
+    names = [n for n in requested.split(",") if n.strip()] if isinstance(requested, str) else list(requested)
     chosen: list[str] = []
     device = None
     for n in names:
