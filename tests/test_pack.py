@@ -124,9 +124,19 @@ def test_size_limits(packed, tmp_path):
         unpack_bundle(packed, tmp_path / "a", limits=UnpackLimits(max_total_bytes=1000))
     with pytest.raises(PackError, match="more than the limit"):
         unpack_bundle(packed, tmp_path / "a", limits=UnpackLimits(max_member_bytes=1000))
-    with pytest.raises(PackError, match="members, more than the limit"):
+    with pytest.raises(PackError, match="more than 3 members"):
         unpack_bundle(packed, tmp_path / "a", limits=UnpackLimits(max_members=3))
     assert not (tmp_path / "a").exists()
+
+
+def test_a_member_claiming_terabytes_is_refused_from_its_header(tmp_path):
+    """Only the header is written (the archive is a few KB): the check must not read on."""
+    huge = tarfile.TarInfo("ae_encoder.onnx")
+    huge.size = 4 * 2**40
+    bad = tmp_path / "huge.tar"
+    bad.write_bytes(huge.tobuf(tarfile.PAX_FORMAT))
+    with pytest.raises(PackError, match="more than the limit of 64.0 GiB"):
+        unpack_bundle(bad, tmp_path / "out")
 
 
 def test_tampered_file_fails_its_checksum_and_leaves_nothing(packed, tmp_path):

@@ -17,6 +17,7 @@ import shutil
 import tarfile
 import tempfile
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -149,17 +150,31 @@ def member_name(archive: Path, m: tarfile.TarInfo) -> str:
     return name
 
 
-def check_members(archive: Path, members: list[tarfile.TarInfo], limits: UnpackLimits) -> dict[str, tarfile.TarInfo]:
-    """{name: member} of the archive's regular files, after checking every header."""
-    if len(members) > limits.max_members:
-        raise PackError(f"{archive}: {len(members)} members, more than the limit of {limits.max_members}")
+def check_members(archive: Path, members: Iterable[tarfile.TarInfo], limits: UnpackLimits
+                  ) -> tuple[list[tarfile.TarInfo], dict[str, tarfile.TarInfo]]:
+    """Every member's header checked as it is read, so a hostile archive stops at its first bad
+    header (a member claiming terabytes is refused before the reader skips over its data).
+    Returns the members in archive order and {name: member} of the regular files."""
+    seen: list[tarfile.TarInfo] = []
     files: dict[str, tarfile.TarInfo] = {}
     dirs: set[str] = set()
     total = 0
-    for m in members:
+    it = iter(members)
+    while True:
+        try:
+            m = next(it)
+        except StopIteration:
+            break
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise PackError(f"{archive}: corrupt tar archive ({e})") from None
+        seen.append(m)
+        if len(seen) > limits.max_members:
+            raise PackError(f"{archive}: more than {limits.max_members} members, the limit")
         name = member_name(archive, m)
         where = f"{archive}: member {m.name!r}"
         if m.isdir():
+            if name in files:
+                raise PackError(f"{where}: is both a file and a folder")
             dirs.add(name)
             continue
         if not m.isreg() or m.issparse():
@@ -174,10 +189,7 @@ def check_members(archive: Path, members: list[tarfile.TarInfo], limits: UnpackL
         if total > limits.max_total_bytes:
             raise PackError(f"{archive}: more than the limit of {limits.max_total_bytes / GIB:.1f} GiB in all")
         files[name] = m
-    clash = dirs & set(files)
-    if clash:
-        raise PackError(f"{archive}: {sorted(clash)[0]!r} is both a file and a folder")
-    return files
+    return seen, files
 
 
 def _read_manifest(archive: Path, tar: tarfile.TarFile, files: dict[str, tarfile.TarInfo], limits: UnpackLimits) -> Manifest:
@@ -229,11 +241,7 @@ def unpack_bundle(archive: str | Path, dest: str | Path, overwrite: bool = False
     except (tarfile.TarError, OSError, EOFError) as e:
         raise PackError(f"{archive}: not a readable tar archive ({e})") from None
     with tar:
-        try:
-            members = tar.getmembers()
-        except (tarfile.TarError, OSError, EOFError) as e:
-            raise PackError(f"{archive}: corrupt tar archive ({e})") from None
-        files = check_members(archive, members, limits)
+        members, files = check_members(archive, tar, limits)
         manifest = _read_manifest(archive, tar, files, limits)
         listed = bundle_files(manifest)
         extra = sorted(set(files) - set(listed))
