@@ -42,9 +42,11 @@ def test_info_on_a_tampered_bundle_reports_and_fails(tiny_bundle, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
     (broken / "gen_head.onnx").write_bytes(b"garbage")
+    (broken / "ort-trt-cache").mkdir()
+    (broken / "ort-trt-cache" / "lm_head_1.engine").write_bytes(b"0" * 2048)
     r = _cli("--bundle", str(broken))
     assert r.returncode == 2
-    assert "checksums  FAILED" in r.stdout
+    assert "checksums  FAILED" in r.stdout and "TensorRT provider cache: 1 files, 0.00 MiB" in r.stdout
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "gen_head.onnx: sha256 mismatch" in r.stderr
     r = _cli("--bundle", str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "no such bundle directory" in r.stderr

@@ -64,6 +64,8 @@ class BundleSummary:
     total_bytes: int
     checksums: str  # "verified", or what failed
     kv_cache_bytes: int  # KV_ROWS rows at max_context
+    trt_cache_files: int = 0  # the TensorRT provider's engine/timing caches in the bundle folder (machine-specific)
+    trt_cache_bytes: int = 0
 
     @property
     def graph_bytes(self) -> int:
@@ -147,13 +149,17 @@ def summarize_bundle(path: str | Path) -> BundleSummary:
     kv = next(t for t in m.components["backbone_und"].outputs if t.name == "new_keys")
     import numpy as np
 
+    from .backends.ort_providers import TRT_CACHE_DIR
+
+    cache_dir = root / TRT_CACHE_DIR
+    cache = [p for p in cache_dir.iterdir() if p.is_file()] if cache_dir.is_dir() else []
     d = m.model
     kv_bytes = 2 * d.num_layers * d.num_kv_heads * d.head_dim * np.dtype(kv.dtype).itemsize * d.max_context * KV_ROWS
     return BundleSummary(
         path=str(root), format_version=m.format_version, config_name=m.config_name, precision=m.precision,
         target=m.target, created_by=m.created_by, weights=dict(m.weights), model=asdict(d), components=rows,
         files=len(files) + 1, total_bytes=_size(root, "manifest.json") + sum(_size(root, f) for f, _ in files),
-        checksums=checksums, kv_cache_bytes=kv_bytes,
+        checksums=checksums, kv_cache_bytes=kv_bytes, trt_cache_files=len(cache), trt_cache_bytes=sum(p.stat().st_size for p in cache),
     )
 
 
@@ -352,6 +358,9 @@ def render(r: InfoReport) -> str:
         lines.append(f"{c.name:<16}{c.precision:<11}{_mib(c.bytes):>10}  {eng}")
     lines.append(f"{'total':<27}{_mib(b.graph_bytes):>10}  " + (f"{_mib(b.engine_bytes)} MiB of engines" if b.engine_bytes else ""))
     lines.append(f"KV cache at context {d['max_context']} ({KV_ROWS} rows: edit's guidance): {_mib(b.kv_cache_bytes)} MiB")
+    if b.trt_cache_files:
+        lines.append(f"TensorRT provider cache: {b.trt_cache_files} files, {_mib(b.trt_cache_bytes)} MiB (built on a machine "
+                     f"like this one; not part of the manifest)")
     dists = ", ".join(f"{k} {v}" for k, v in m.onnxruntime_distributions.items()) or "?"
     lines += [
         "",
