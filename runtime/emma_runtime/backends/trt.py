@@ -44,7 +44,7 @@ def _import_cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError as e:
-            raise TrtBackendUnavailable(f"{NEEDS}: cuda-python is not installed (pip install cuda-python): {e}") from None
+            raise TrtBackendUnavailable(f"{NEEDS}: cuda-python is not installed (pip install 'emma-runtime[trt]'): {e}") from None
     return cudart
 
 
@@ -286,7 +286,7 @@ class TrtBackend:
             except (ImportError, OSError) as e:
                 errors.append(f"{module}: {e}")
         if not found:
-            raise TrtBackendUnavailable(f"{NEEDS}: TensorRT is not installed ({'; '.join(errors)})")
+            raise TrtBackendUnavailable(f"{NEEDS}: TensorRT is not installed, pip install 'emma-runtime[trt]' ({'; '.join(errors)})")
         return found
 
     def _runtime(self, flavour: str):
