@@ -84,7 +84,7 @@ class _TorchSide:
 
     def understand_prefill(self, image):
         sp = self.ref.SpecialIds.from_tokenizer(self.tok)
-        segs = self.ref.template.understand(sp, self.tok.encode("describe the picture", add_special_tokens=False).ids)
+        segs = self.ref.template.understand(sp, self.ref.template.text_ids(self.tok, "describe the picture"))
         return self.ref.run_prefix(self.model, segs, {"input": torch.from_numpy(image)}, bidirectional=False)
 
     def understand(self, image, n):
@@ -118,7 +118,7 @@ class _TorchSide:
     def denoise_step_at(self, px: int):
         cfg = self.model.cfg
         sp = self.ref.SpecialIds.from_tokenizer(self.tok)
-        segs = self.ref.template.split_prefix(self.ref.template.generate(sp, self.tok.encode("a red circle").ids))[0]
+        segs = self.ref.template.split_prefix(self.ref.template.generate(sp, self.ref.template.text_ids(self.tok, "a red circle")))[0]
         prefix, _ = self.ref.run_prefix(self.model, segs, {}, True)
         g = cfg.grid(px, px)
         x = torch.randn(1, cfg.ae.latent_channels, *g)
@@ -194,9 +194,7 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
     cfg = EMMAConfig.from_dict(first.manifest.config)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     model = reference_model(first)
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(first.path(first.manifest.tokenizer[0])))
+    tok = first.tokenizer()
     rep = BenchReport(cfg.name, {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
                                  "cpu": platform.processor() or platform.machine()})
     try:

@@ -12,7 +12,6 @@ import contextlib
 import json
 import math
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -152,12 +151,16 @@ def build(
     progress: bool = False,
     task_eval_n: int = 50,
     only: tuple[str, ...] = (),
+    overwrite: bool = False,
 ) -> BuildReport:
     """One bundle of ``precision`` for ``target`` at ``out``. ``source_bundle``: start from this fp32
     bundle instead of exporting (``emma-export quantize``). ``calibration``: a folder of per-component
     .npz feeds (``emma-export calibrate``) instead of capturing them now. ``only``: quantize just these
     components (the others at the target's high precision)."""
+    from .export.out_dir import check_out
+
     t = resolve_target(target, precision)  # before any work
+    out = check_out(out, "bundle", overwrite)
     if only:
         _check_components(only, precision, config_name, checkpoint, source_bundle)
     with _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
@@ -222,9 +225,10 @@ def _torch_threads_for_small_models(config_name, checkpoint, source_bundle):
 
 def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, calibration, recipe, calib_samples,
            verify, e2e, engines, force, echo, progress, task_eval_n=0, only=()) -> BuildReport:
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.build-", dir=out.parent))
+    from .export.out_dir import replace_dir, temp_sibling
+
+    out = Path(out)
+    tmp_root = temp_sibling(out, "build")
     work = tmp_root / "bundle"
     seconds: dict[str, float] = {}
     try:
@@ -243,10 +247,7 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
                 src = WeightSource.from_args(config_name, checkpoint, seed)
             except (ValueError, OSError) as e:
                 raise BuildError(str(e)) from None
-            tok_file = None
-            if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").exists():
-                tok_file = Path(checkpoint) / "tokenizer.json"
-            export_bundle(src, work, target=t.name, progress=progress, tokenizer_file=tok_file)
+            export_bundle(src, work, target=t.name, progress=progress)
         seconds["export"] = time.perf_counter() - t0
 
         from emma_runtime.bundle import Bundle
@@ -269,10 +270,8 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
                 if not feeds:
                     raise BuildError(f"{calibration}: no calibration .npz files")
             else:
-                from tokenizers import Tokenizer
-
                 model = reference_model(bundle, checkpoint)
-                tok = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer[0])))
+                tok = bundle.tokenizer()
                 if echo:
                     echo(f"calibrate: capturing component inputs from the reference pipelines ({recipe} recipe)")
                 feeds = capture_calibration(model, tok, recipe)
@@ -340,6 +339,7 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
                 echo(f"evaluate: shapes-world held-out suite, n={task_eval_n}, runtime and fp32 reference")
             tasks = _task_figures(work, checkpoint, task_eval_n)
             seconds["evaluate"] = time.perf_counter() - t0
+            failures += _collapsed(tasks)
         m = bundle.manifest
         for name, info in m.components.items():
             r = comps.get(name)
@@ -352,12 +352,25 @@ def _build(t, *, precision, out, config_name, checkpoint, seed, source_bundle, c
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not force:
             raise BuildError("verify failed, nothing written: " + "; ".join(failures[:4]) + (" ..." if len(failures) > 4 else ""))
-        from .export.bundle_writer import _replace_dir
-
-        _replace_dir(work, out)
+        replace_dir(work, out)
         return report
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+# A task figure this many points under the fp32 reference on the same scenes means the bundle is
+# broken, not slightly less precise (every precision measures within 2 points, int4w within 5; a
+# bundle with the wrong tokenizer measured 0.000 on all three and used to be written all the same).
+TASK_COLLAPSE_POINTS = 15.0
+
+
+def _collapsed(tasks: dict) -> list[str]:
+    out = []
+    for k, d in tasks.get("change_vs_fp32", {}).items():
+        if k != "ae_psnr" and d is not None and d < -TASK_COLLAPSE_POINTS:
+            out.append(f"task {k}: {tasks['runtime'][k]:.3f} against the fp32 reference's {tasks['fp32_reference'][k]:.3f} "
+                       f"({d:+.1f} points, more than {TASK_COLLAPSE_POINTS:g} lost: the bundle is broken)")
+    return out
 
 
 def _task_figures(bundle_dir: Path, checkpoint, n: int) -> dict:

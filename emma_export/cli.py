@@ -7,15 +7,23 @@ import sys
 
 import click
 
+from emma_runtime.cli_support import USER_ERRORS, OneLineGroup
+from emma_runtime.cli_support import fail as _fail
+
 from .config import CONFIGS, get_config
 
 
-def _fail(msg: str) -> None:
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
+class _ExportGroup(OneLineGroup):
+    # the toolchain's own input errors (checkpoints, upstream folders, targets, output folders, builds)
+    # are ValueErrors or BuildError; they end as one line and exit 2 like the runtime's
+    @property
+    def user_errors(self):
+        from .build import BuildError
+
+        return USER_ERRORS + (ValueError, BuildError)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=_ExportGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """Export EMMA from PyTorch to ONNX / TensorRT bundles, verify them, and inspect configs."""
 
@@ -52,31 +60,28 @@ def info(config_name: str, as_json: bool) -> None:
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--component", "only", multiple=True, help="Export only these components (repeatable).")
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a bundle written by emma-export.")
 @click.option("--quiet", is_flag=True)
-def export_cmd(config_name, checkpoint, dtype, seed, only, out, quiet):
+def export_cmd(config_name, checkpoint, dtype, seed, only, out, overwrite, quiet):
     """Export every EMMA component to ONNX and write a bundle with manifest.json."""
     import time
     from pathlib import Path
 
     from .components import all_components
     from .export.bundle_writer import export_bundle
+    from .export.out_dir import check_out
     from .export.source import WeightSource
 
-    try:
-        src = WeightSource.from_args(config_name, checkpoint, seed)
-    except (ValueError, OSError) as e:
-        _fail(str(e))
+    check_out(out, "bundle", overwrite)  # before any work
+    src = WeightSource.from_args(config_name, checkpoint, seed)
     comps = all_components(src.cfg)
     if only:
         unknown = set(only) - {c.name for c in comps}
         if unknown:
             _fail(f"unknown component(s) {sorted(unknown)}; choose from {[c.name for c in comps]}")
         comps = [c for c in comps if c.name in only]
-    tok = None
-    if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").exists():
-        tok = Path(checkpoint) / "tokenizer.json"
     t0 = time.perf_counter()
-    rep = export_bundle(src, out, dtype=dtype, components=comps, progress=not quiet, tokenizer_file=tok)
+    rep = export_bundle(src, out, dtype=dtype, components=comps, progress=not quiet, overwrite=overwrite)
     click.echo(f"wrote {rep.out} ({len(comps)} components, {dtype}) in {time.perf_counter() - t0:.1f} s")
 
 
@@ -92,14 +97,9 @@ def verify(bundle_dir, json_out, e2e, checkpoint):
     from rich.console import Console
     from rich.table import Table
 
-    from emma_runtime.bundle import BundleError
-
     from .verify import verify_bundle
 
-    try:
-        rep = verify_bundle(bundle_dir, e2e=e2e, checkpoint=checkpoint)
-    except BundleError as e:
-        _fail(str(e))
+    rep = verify_bundle(bundle_dir, e2e=e2e, checkpoint=checkpoint)
     t = Table(title=f"parity: {bundle_dir}")
     for col in ("component", "max abs", "rel L2", "tolerance", "pass"):
         t.add_column(col)

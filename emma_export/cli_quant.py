@@ -19,7 +19,8 @@ _recipe = click.option("--recipe", type=click.Choice(["full", "quick"]), default
                        help="How much of calibration/ to run through the reference pipelines.")
 _calib = click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
                       help="Folder of calibration .npz (emma-export calibrate) instead of capturing now.")
-_samples = click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration feeds per component (at most).")
+_samples = click.option("--calib-samples", type=click.IntRange(1, 100_000), default=64, show_default=True, help="Calibration feeds per component (at most).")
+_overwrite = click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a bundle written by emma-export.")
 
 
 _only = click.option(
@@ -69,12 +70,14 @@ def _run_build(**kw) -> None:
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the build report as JSON.")
 @_task_eval
 @_only
+@_overwrite
 @click.option("--quiet", is_flag=True)
-def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, quiet):
+def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, overwrite, quiet):
     """Export -> calibrate -> quantize -> engines -> verify, into one bundle (atomic)."""
     _run_build(config_name=config_name, checkpoint=checkpoint, precision=precision, target=target, out=out, seed=seed,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
-               engines=not no_engines, force=force, json_out=json_out, progress=not quiet, task_eval_n=task_eval_n, only=only)
+               engines=not no_engines, force=force, json_out=json_out, progress=not quiet, task_eval_n=task_eval_n, only=only,
+               overwrite=overwrite)
 
 
 @main.command()
@@ -93,11 +96,12 @@ def build(config_name, checkpoint, precision, target, out, seed, recipe, calibra
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @_task_eval
 @_only
-def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only):
+@_overwrite
+def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, overwrite):
     """Quantize an existing fp32 bundle into a new bundle (calibrate -> quantize -> engines -> verify)."""
     _run_build(source_bundle=bundle_dir, checkpoint=checkpoint, precision=precision, target=target, out=out,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
-               engines=not no_engines, force=force, json_out=json_out, task_eval_n=task_eval_n, only=only)
+               engines=not no_engines, force=force, json_out=json_out, task_eval_n=task_eval_n, only=only, overwrite=overwrite)
 
 
 @main.command()
@@ -119,12 +123,12 @@ def calibrate(config_name, checkpoint, seed, recipe, out):
         _fail(str(e))
     t0 = time.perf_counter()
     model = src.full_model()
-    tok = None
-    if checkpoint and Path(checkpoint).is_dir() and (Path(checkpoint) / "tokenizer.json").exists():
+    if src.tokenizer_file is not None:
         from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_file(str(Path(checkpoint) / "tokenizer.json"))
-    tok = tok or byte_level_tokenizer(src.cfg.llm.vocab_size)
+        tok = Tokenizer.from_file(str(src.tokenizer_file))
+    else:
+        tok = byte_level_tokenizer(src.cfg.llm.vocab_size)
     feeds = capture(model, tok, recipe)
     check_complete(src.cfg, feeds)
     files = save(feeds, out)

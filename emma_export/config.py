@@ -170,6 +170,7 @@ class EMMAConfig:
             raise ValueError(f"config {self.name}: at least one expert")
         if len(self.ae.encoder_block_out_channels) != len(self.ae.encoder_layers_per_block):
             raise ValueError(f"config {self.name}: autoencoder widths and layers per block differ in length")
+        _check_ranges(self)
 
     # ---- serialisation --------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -181,16 +182,25 @@ class EMMAConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "EMMAConfig":
         def build(tp, data):
+            if not isinstance(data, dict):
+                raise ValueError(f"{tp.__name__} must be an object, got {type(data).__name__}")
             kwargs = {}
             names = {f.name: f for f in dataclasses.fields(tp)}
             unknown = set(data) - set(names)
             if unknown:
                 raise ValueError(f"unknown field(s) {sorted(unknown)} for {tp.__name__}")
             for k, v in data.items():
-                kwargs[k] = _tupleize(v)
+                kwargs[k] = _typed(f"{tp.__name__}.{k}", _tupleize(v), _default(names[k]))
             return tp(**kwargs)
 
+        if not isinstance(d, dict):
+            raise ValueError(f"an EMMA config is a JSON object, got {type(d).__name__}")
         d = dict(d)
+        for k in ("adapter_hidden", "timestep_freq_dim", "timestep_scale", "image_size", "reference_branch", "max_context"):
+            if k in d:
+                d[k] = _typed(f"EMMAConfig.{k}", d[k], _default(cls.__dataclass_fields__[k]))
+        if not isinstance(d.get("name"), str):
+            raise ValueError("EMMAConfig.name must be a string")
         return cls(
             name=d.pop("name"),
             ae=build(AutoencoderConfig, d.pop("ae")),
@@ -203,6 +213,70 @@ class EMMAConfig:
     @classmethod
     def from_json(cls, text: str) -> "EMMAConfig":
         return cls.from_dict(json.loads(text))
+
+
+# Bounds that keep a config from asking for more than any machine has (a config of 1e12 layers would
+# otherwise run into a MemoryError minutes later): counts and widths, checked after types.
+_MAX_LAYERS, _MAX_WIDTH, _MAX_VOCAB, _MAX_CONTEXT = 1024, 1 << 17, 1 << 22, 1 << 22
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+def _typed(where: str, v: Any, like: Any) -> Any:
+    """``v`` if it has the type of the field's default ``like`` (ints not bools, finite numbers)."""
+    import math
+
+    if isinstance(like, bool):
+        ok = isinstance(v, bool)
+    elif isinstance(like, int):
+        ok = isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= (1 << 40)
+    elif isinstance(like, float):
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        v = float(v) if ok else v
+    elif isinstance(like, str):
+        ok = isinstance(v, str)
+    elif isinstance(like, tuple):
+        ok = isinstance(v, tuple) and len(v) <= 64
+        if ok and like:
+            v = tuple(_typed(f"{where}[{i}]", x, like[0]) for i, x in enumerate(v))
+    else:
+        ok = True
+    if not ok:
+        raise ValueError(f"{where} must be {type(like).__name__}{' (finite, non-negative)' if isinstance(like, (int, float)) else ''}, got {v!r}")
+    return v
+
+
+def _check_ranges(cfg: "EMMAConfig") -> None:
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise ValueError(f"config {cfg.name}: {what}")
+
+    a, v, l, s = cfg.ae, cfg.vision, cfg.llm, cfg.sampler
+    for name, x in (("llm.hidden_size", l.hidden_size), ("llm.intermediate_size", l.intermediate_size), ("llm.head_dim", l.head_dim),
+                    ("vision.hidden_size", v.hidden_size), ("vision.intermediate_size", v.intermediate_size),
+                    ("vision.router_hidden", v.router_hidden), ("adapter_hidden", cfg.adapter_hidden),
+                    ("timestep_freq_dim", cfg.timestep_freq_dim), ("ae.latent_channels", a.latent_channels),
+                    ("ae.attention_head_dim", a.attention_head_dim), *((f"ae.block_out_channels[{i}]", c) for i, c in
+                                                                       enumerate(a.encoder_block_out_channels + a.decoder_block_out_channels))):
+        need(1 <= x <= _MAX_WIDTH, f"{name} = {x} must be from 1 to {_MAX_WIDTH}")
+    for name, x in (("llm.num_attention_heads", l.num_attention_heads), ("llm.num_key_value_heads", l.num_key_value_heads),
+                    ("vision.num_attention_heads", v.num_attention_heads), ("vision.patch_size", v.patch_size),
+                    ("vision.shuffle", v.shuffle), ("vision.num_channels", v.num_channels), ("ae.in_channels", a.in_channels)):
+        need(1 <= x <= 1024, f"{name} = {x} must be from 1 to 1024")
+    for name, x in (("llm.shared_layers", l.shared_layers), ("llm.decoupled_layers", l.decoupled_layers),
+                    ("vision.trunk_layers", v.trunk_layers), ("vision.expert_layers", v.expert_layers),
+                    *((f"ae.layers_per_block[{i}]", c) for i, c in enumerate(a.encoder_layers_per_block + a.decoder_layers_per_block))):
+        need(0 <= x <= _MAX_LAYERS, f"{name} = {x} must be from 0 to {_MAX_LAYERS}")
+    need(l.num_hidden_layers >= 1, "the LLM needs at least one layer")
+    need(1 <= l.vocab_size <= _MAX_VOCAB, f"llm.vocab_size = {l.vocab_size} must be from 1 to {_MAX_VOCAB}")
+    need(v.num_experts <= 64, f"vision.num_experts = {v.num_experts} must be at most 64")
+    need(1 <= cfg.max_context <= _MAX_CONTEXT, f"max_context = {cfg.max_context} must be from 1 to {_MAX_CONTEXT}")
+    need(cfg.image_size >= 1 and cfg.image_size % cfg.cell == 0, f"image_size = {cfg.image_size} must be a positive multiple of {cfg.cell}")
+    need(1 <= s.steps <= 10_000, f"sampler.steps = {s.steps} must be from 1 to 10000")
+    need(0 < s.shift <= 1e4, f"sampler.shift = {s.shift} must be > 0")
+    need(l.rms_norm_eps > 0 and v.layer_norm_eps > 0, "norm epsilons must be > 0")
 
 
 def _tupleize(v: Any) -> Any:

@@ -252,10 +252,9 @@ def init_checkpoint(
     The folder appears atomically: it is written next to ``out_dir`` and renamed when complete.
     """
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite)")
+    from .export.out_dir import check_out, replace_dir
+
+    out = check_out(out_dir, "checkpoint", overwrite)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)} or None")
     td = DTYPES[dtype] if dtype else None
@@ -287,9 +286,7 @@ def init_checkpoint(
         writer.close()
         (tmp / "config.json").write_text(cfg.to_json())
         _write_tokenizer(tok, tmp / "tokenizer.json", cfg)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.replace(out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

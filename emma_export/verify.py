@@ -76,23 +76,30 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
 def reference_model(bundle: Bundle, checkpoint: str | None = None):
     from .export.source import WeightSource
 
-    cfg = EMMAConfig.from_dict(bundle.manifest.config)
+    try:
+        cfg = EMMAConfig.from_dict(bundle.manifest.config)
+        cfg.validate()
+    except (ValueError, TypeError, KeyError) as e:
+        raise BundleError(f"{bundle.root / 'manifest.json'}: config is not a valid EMMA config ({str(e)[:200]})") from None
     w = bundle.manifest.weights
     if checkpoint is None and w.get("kind") == "checkpoint":
-        checkpoint = w["path"]
+        checkpoint = w.get("path")
+        if not isinstance(checkpoint, str) or not Path(checkpoint).exists():
+            raise BundleError(f"{bundle.root / 'manifest.json'}: the bundle's source checkpoint {checkpoint!r} is not here; "
+                              f"pass the reference weights with --checkpoint")
     if checkpoint is not None:
         return WeightSource.from_args(None, checkpoint).full_model()
     return WeightSource(cfg, int(w.get("seed", 0))).full_model()
 
 
-def _session(path: str, precision: str):
-    import onnxruntime as ort
+def _session(bundle: Bundle, component: str):
+    """The component's graph on the CPU provider, opened from the bytes its checksum was taken on."""
+    from emma_runtime.backends.ort import open_session
 
-    so = ort.SessionOptions()
-    if precision == "fp8":  # as the runtime's ORT backend: FP8 Q/DQ graphs run with optimizations off
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    so.log_severity_level = 3
-    return ort.InferenceSession(path, sess_options=so, providers=["CPUExecutionProvider"])
+    info = bundle.manifest.components[component]
+    # as the runtime's ORT backend: FP8 Q/DQ graphs run with optimizations off
+    return open_session(bundle.graph(component), str(bundle.root / info.file), ["CPUExecutionProvider"],
+                        graph_optimizations=info.precision != "fp8")
 
 
 def verify_components(bundle: Bundle, model, names: list[str] | None = None, progress=None,
@@ -106,7 +113,7 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         info = bundle.manifest.components[comp.name]
         tol = tolerance_for(comp.name, info.precision)
         try:
-            sess = _session(str(bundle.path(info.file)), info.precision)
+            sess = _session(bundle, comp.name)
         except Exception as e:  # noqa: BLE001 - only a bf16 graph is allowed not to load on the CPU
             if info.precision != "bf16" or "NOT_IMPLEMENTED" not in str(e):
                 raise
@@ -143,11 +150,9 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
     real = None
     calibrated = [n for n, c in bundle.manifest.components.items() if c.precision in REAL_FEED_PRECISIONS]
     if calibrated:
-        from tokenizers import Tokenizer
-
         from .quantize.calibrate import capture
 
-        tok = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer[0])))
+        tok = bundle.tokenizer()
         real = {k: v for k, v in capture(model, tok, "verify").items() if k in calibrated}
     comps = verify_components(bundle, model, progress=progress, real_feeds=real)
     failures = [

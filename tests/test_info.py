@@ -42,7 +42,9 @@ def test_info_on_a_tampered_bundle_reports_and_fails(tiny_bundle, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)
     (broken / "gen_head.onnx").write_bytes(b"garbage")
-    (broken / "ort-trt-cache").mkdir()
+    (broken / "ort-trt-cache").mkdir(exist_ok=True)
+    for old in (broken / "ort-trt-cache").iterdir():
+        old.unlink()
     (broken / "ort-trt-cache" / "lm_head_1.engine").write_bytes(b"0" * 2048)
     r = _cli("--bundle", str(broken))
     assert r.returncode == 2

@@ -59,7 +59,8 @@ def test_cli_names_the_missing_provider_in_one_line(tiny_bundle, tmp_path):
 def test_tensorrt_provider_options_come_from_the_bundle(tiny_bundle):
     b = Bundle.load(tiny_bundle)
     o = prov.trt_options(b, "backbone_und", 0)
-    assert o["trt_engine_cache_enable"] == "True" and o["trt_engine_cache_prefix"] == "backbone_und"
+    sha = b.manifest.components["backbone_und"].sha256
+    assert o["trt_engine_cache_enable"] == "True" and o["trt_engine_cache_prefix"] == f"backbone_und_{sha[:16]}"
     assert Path(o["trt_engine_cache_path"]) == tiny_bundle / prov.TRT_CACHE_DIR == Path(o["trt_timing_cache_path"])
     assert o["trt_fp16_enable"] == "False"  # an fp32 bundle stays fp32
     info = b.manifest.components["backbone_und"]

@@ -115,7 +115,7 @@ def test_bad_inputs_get_one_clear_line(tmp_path, tiny_bundle):
     assert r.returncode != 0 and "no such image file" in r.stderr
     # size not a multiple of 32
     r = _cli("generate", "--bundle", str(tiny_bundle), "--prompt", "x", "--height", "50", "--out", str(tmp_path / "o.png"))
-    assert r.returncode != 0 and "not a positive multiple of 32" in r.stderr
+    assert r.returncode == 2 and "must be a positive multiple of 32" in r.stderr
     # corrupt bundle
     broken = tmp_path / "broken"
     shutil.copytree(tiny_bundle, broken)

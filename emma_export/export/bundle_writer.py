@@ -1,13 +1,13 @@
 """Write a bundle: every component's graph, the tokenizer and manifest.json.
 
 Everything goes to a temporary sibling folder that is renamed into place at the end, so an
-interrupted or failed export leaves nothing that looks like a bundle.
+interrupted or failed export leaves nothing that looks like a bundle; a folder that is not a bundle
+of ours is never replaced unasked (``out_dir``).
 """
 
 from __future__ import annotations
 
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,7 @@ from emma_runtime.bundle import FORMAT_VERSION, ComponentInfo, Manifest, ModelDi
 from ..components import Component, all_components
 from ..config import EMMAConfig
 from .onnx_export import export_component
+from .out_dir import check_out, replace_dir, temp_sibling
 from .source import WeightSource
 
 ONNX_DTYPES = {
@@ -66,12 +67,13 @@ def export_bundle(
     components: list[Component] | None = None,
     progress: bool = True,
     tokenizer_file: Path | None = None,
+    overwrite: bool = False,
 ) -> ExportReport:
     cfg = source.cfg
-    out = Path(out).resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = check_out(out, "bundle", overwrite)
     comps = components or all_components(cfg)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tokenizer_file = tokenizer_file or source.tokenizer_file
+    tmp = temp_sibling(out, "partial")
     seconds: dict[str, float] = {}
     try:
         entries: dict[str, ComponentInfo] = {}
@@ -86,11 +88,9 @@ def export_bundle(
                 export_component(comp, cfg, model, f, dtype=dtype)
                 del model
                 inputs, outputs = graph_io(f)
-                data = tmp / (f.name + ".data")
                 entries[comp.name] = ComponentInfo(
                     file=f.name, sha256=sha256_file(f), inputs=inputs, outputs=outputs, precision=dtype,
-                    data_files=((data.name, sha256_file(data)),) if data.exists() else (),
-                    profile=comp.profile(cfg),
+                    data_files=data_files(f), profile=comp.profile(cfg),
                 )
                 seconds[comp.name] = time.perf_counter() - t0
                 if bar:
@@ -102,28 +102,33 @@ def export_bundle(
             from ..tokenizer import byte_level_tokenizer
 
             byte_level_tokenizer(cfg.llm.vocab_size).save(str(tok_path))
-        weights = {"kind": "checkpoint", "path": str(source.checkpoint)} if source.checkpoint else {"kind": "random", "seed": source.seed}
+        # absolute: verify finds the reference weights from any working directory
+        weights = {"kind": "checkpoint", "path": str(Path(source.checkpoint).resolve())} if source.checkpoint else {"kind": "random", "seed": source.seed}
         manifest = Manifest(
             format_version=FORMAT_VERSION, config_name=cfg.name, config=cfg.to_dict(), model=model_dims(cfg),
             precision=dtype, target=target, components=entries, tokenizer=(tok_path.name, sha256_file(tok_path)),
             weights=weights,
         )
         (tmp / "manifest.json").write_text(manifest.to_json())
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportReport(out, seconds)
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{int(time.time() * 1000)}")
-        dst.rename(old)
-        src.rename(dst)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        src.rename(dst)
+def data_files(graph: Path) -> tuple[tuple[str, str], ...]:
+    """(name, sha256) of every external data file the graph references, relative to its folder: the
+    runtime hands ONNX Runtime exactly these, so one left out here would not load."""
+    m = onnx.load(str(graph), load_external_data=False)
+    names: set[str] = set()
+    tensors = list(m.graph.initializer)
+    for node in m.graph.node:
+        tensors += [a.t for a in node.attribute if a.HasField("t")]
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            names.update(e.value for e in t.external_data if e.key == "location")
+    return tuple((n, sha256_file(graph.parent / n)) for n in sorted(names))
 
 
 class _NoBar:

@@ -30,13 +30,23 @@ class WeightSource:
         from ..config import get_config
         from ..weights.checkpoint import read_config
 
+        from ..weights.checkpoint import checkpoint_root
+
         if checkpoint:
-            cfg = read_config(checkpoint)
+            root = checkpoint_root(checkpoint)
+            cfg = read_config(root)
             if config_name and cfg.name != config_name:
                 raise ValueError(f"{checkpoint}: checkpoint config is '{cfg.name}', not '{config_name}'")
             cfg.validate()
-            return cls(cfg, seed, Path(checkpoint))
+            return cls(cfg, seed, root)
         return cls(get_config(config_name or "tiny"), seed, None)
+
+    @property
+    def tokenizer_file(self) -> Path | None:
+        """The checkpoint's own tokenizer.json, if it has one (else the bundle gets the byte-level one)."""
+        if self.checkpoint is not None and self.checkpoint.is_dir() and (self.checkpoint / "tokenizer.json").is_file():
+            return self.checkpoint / "tokenizer.json"
+        return None
 
     def model_for(self, comp: Component, dtype: str = "fp32") -> EMMA:
         """An EMMA whose tensors used by ``comp`` are real and all others stay on meta."""
@@ -45,19 +55,13 @@ class WeightSource:
         td = DTYPES[dtype]
         if self.checkpoint is None:
             return materialize(model, self.seed, keep=comp.uses, dtype=td).eval()
-        from ..weights.checkpoint import _files
-        from safetensors import safe_open
+        from ..weights.checkpoint import TensorReader, _files
 
         files, _ = _files(self.checkpoint)
-        handles = [safe_open(str(f), framework="pt") for f in files]
-        where = {k: h for h in handles for k in h.keys()}
-
-        def read(name: str) -> torch.Tensor:
-            if name not in where:
-                raise ValueError(f"{self.checkpoint}: missing tensor '{name}'")
-            return where[name].get_tensor(name)
-
-        return materialize(model, self.seed, keep=comp.uses, dtype=td, source=read).eval()
+        read = TensorReader(files, str(self.checkpoint))
+        expected = model.state_dict(keep_vars=True)
+        return materialize(model, self.seed, keep=comp.uses, dtype=td,
+                           source=lambda name: read(name, floating=expected[name].is_floating_point())).eval()
 
     def full_model(self) -> EMMA:
         """The whole reference model (verify and the small configs)."""

@@ -102,7 +102,7 @@ def understand(
     expert: int | None = None,
 ) -> UnderstandResult:
     sp = SpecialIds.from_tokenizer(tokenizer)
-    segs = template.understand(sp, tokenizer.encode(prompt, add_special_tokens=False).ids)
+    segs = template.understand(sp, template.text_ids(tokenizer, prompt))
     prefix, chosen = run_prefix(model, segs, {"input": _as_image(image)}, bidirectional=False, expert=expert)
     rng = np.random.default_rng(seed)
     cache, pos = prefix.cache, prefix.length
@@ -159,7 +159,7 @@ def generate(model: EMMA, tokenizer, prompt: str, noise, steps: int | None = Non
     steps, cfg_scale, shift = steps or s.steps, s.cfg if cfg_scale is None else cfg_scale, shift or s.shift
     noise = _check_noise(model, torch.as_tensor(np.asarray(noise, dtype=np.float32)))
     sp = SpecialIds.from_tokenizer(tokenizer)
-    enc = lambda p: tokenizer.encode(p, add_special_tokens=False).ids
+    enc = lambda p: template.text_ids(tokenizer, p)
     cond, _ = run_prefix(model, template.split_prefix(template.generate(sp, enc(prompt)))[0], {}, True)
     if cfg_scale == 1.0:
         prefixes, weights = [cond], [1.0]
@@ -191,7 +191,7 @@ def edit(
     s_img = s.cfg_image if cfg_image is None else cfg_image
     noise = _check_noise(model, torch.as_tensor(np.asarray(noise, dtype=np.float32)))
     sp = SpecialIds.from_tokenizer(tokenizer)
-    enc = lambda p: tokenizer.encode(p, add_special_tokens=False).ids
+    enc = lambda p: template.text_ids(tokenizer, p)
     imgs = {"reference": _as_image(image)}
     rb = model.cfg.reference_branch
     full, _ = run_prefix(model, template.split_prefix(template.edit(sp, enc(prompt), True, rb))[0], imgs, True)

@@ -437,7 +437,7 @@ class BatchBuilder:
         self.gen = gen
 
     def ids(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
+        return template.text_ids(self.tok, text)
 
     def rows(self, und: list[world.Example], gen: list[world.Example], edit: list[world.Example]):
         s, rng, sp = self.s, self.rng, self.sp

@@ -17,7 +17,8 @@ _LAZY = {
     "ImageInput": ("api", "ImageInput"),
     "Bundle": ("bundle", "Bundle"),
     "BundleError": ("bundle", "BundleError"),
-    "RequestError": ("pipelines", "RequestError"),
+    "RequestError": ("limits", "RequestError"),
+    "Limits": ("limits", "Limits"),
     "UnderstandOutput": ("pipelines", "UnderstandOutput"),
     "ImageOutput": ("pipelines", "ImageOutput"),
     "ImageError": ("images", "ImageError"),
@@ -29,7 +30,8 @@ if TYPE_CHECKING:
     from .api import ImageInput, Pipeline
     from .bundle import Bundle, BundleError
     from .images import ImageError
-    from .pipelines import ImageOutput, RequestError, UnderstandOutput
+    from .limits import Limits, RequestError
+    from .pipelines import ImageOutput, UnderstandOutput
 
 
 def __getattr__(name: str):

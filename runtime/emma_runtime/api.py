@@ -27,14 +27,15 @@ from PIL import Image
 
 from .backends import make_backend
 from .bundle import Bundle
-from .images import from_pil, to_pil
-from .pipelines import ImageOutput, RequestError, UnderstandOutput
+from .images import ImageError, from_pil, to_pil
+from .limits import Limits, RequestError
+from .pipelines import ImageOutput, UnderstandOutput
 from .pipelines import Pipeline as _Engine
 
 #: What ``understand`` and ``edit`` accept as the image: a file path (JPEG/PNG/WebP), a PIL image,
 #: an ``(H, W, 3)`` uint8 RGB array, or a float array in the model's layout, ``(1, 3, H, W)`` or
 #: ``(3, H, W)`` in [-1, 1]. Paths, PIL images and uint8 arrays are resized to the nearest multiple
-#: of 32 per side; model-layout arrays must already be.
+#: of 32 per side and scaled down to the bundle's largest size; model-layout arrays must already fit.
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
 
@@ -42,8 +43,8 @@ class Pipeline:
     """EMMA on one bundle: ``understand``, ``generate``, ``edit``.
 
     Load with :meth:`load`. Errors in a request (an image of the wrong size, a prompt longer than
-    the context, an unreadable file) raise ``ValueError`` subclasses (``RequestError``,
-    ``ImageError``) with one line naming what was wrong; a bad bundle raises ``BundleError`` at load.
+    the context, an unreadable file, an option out of range) raise ``RequestError`` (a ``ValueError``)
+    with one line naming what was wrong; a bad bundle raises ``BundleError`` (also a ``ValueError``).
     """
 
     def __init__(self, engine: _Engine):
@@ -51,8 +52,9 @@ class Pipeline:
 
     @classmethod
     def load(cls, path: str | os.PathLike, backend: str = "ort", providers: str | Sequence[str] | None = None, *,
-             cfg_mode: str = "batch", progress: bool = False, warmup: bool = False) -> "Pipeline":
-        """Opens the bundle folder ``path`` (checking every file's sha256 against its manifest).
+             cfg_mode: str = "batch", progress: bool = False, limits: Limits | None = None) -> "Pipeline":
+        """Opens the bundle folder ``path``: every graph is read once, checked against its sha256 in the
+        manifest, and its session opened from those bytes.
 
         Args:
             path: the bundle folder written by ``emma-export export`` (or ``emma-run unpack``).
@@ -63,15 +65,15 @@ class Pipeline:
             cfg_mode: ``"batch"`` runs the guidance prefixes as one batch per denoising step,
                 ``"sequential"`` one call per prefix (less memory).
             progress: show progress bars for decoding and denoising (on a terminal).
-            warmup: open every component's session now rather than on first use.
+            limits: what one request may ask (default: the bundle's profile and the fixed ceilings
+                of ``emma_runtime.Limits``).
         """
         if backend != "ort" and providers:
             raise ValueError(f"providers apply to the ort backend, not {backend!r}")
-        engine = _Engine(Bundle.load(path), make_backend(backend, providers), quiet=not progress, cfg_mode=cfg_mode)
-        pipe = cls(engine)
-        if warmup:
-            engine.warmup()
-        return pipe
+        # Paths are checked at load; contents are hashed as each graph is opened, from the bytes used.
+        engine = _Engine(Bundle.load(path, check_files=False), make_backend(backend, providers), quiet=not progress,
+                         cfg_mode=cfg_mode, limits=limits)
+        return cls(engine)
 
     # ---- what was loaded ------------------------------------------------------------------------
     @property
@@ -90,15 +92,15 @@ class Pipeline:
 
     # ---- inputs ---------------------------------------------------------------------------------
     def image_array(self, image: ImageInput) -> np.ndarray:
-        """``image`` as the model takes it: ``(1, 3, H, W)`` float32 in [-1, 1], H and W multiples of 32."""
-        cell = self._engine.dims.cell
+        """``image`` as the model takes it: ``(1, 3, H, W)`` float32 in [-1, 1], H and W multiples of 32
+        within the request limits."""
         if isinstance(image, (str, os.PathLike)):
             return self._engine._image(Path(image))
         if isinstance(image, Image.Image):
-            return from_pil(image, cell)
+            return self._from_pil(image)
         if isinstance(image, np.ndarray):
             if image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3:
-                return from_pil(Image.fromarray(image), cell)
+                return self._from_pil(Image.fromarray(image))
             if image.ndim == 3 and image.shape[0] == 3:
                 image = image[None]
             if image.ndim == 4 and image.shape[:2] == (1, 3) and np.issubdtype(image.dtype, np.floating):
@@ -106,6 +108,14 @@ class Pipeline:
             raise RequestError(f"image array of shape {image.shape} and dtype {image.dtype}: expected (H, W, 3) uint8 RGB "
                                f"or (1, 3, H, W) / (3, H, W) float in [-1, 1]")
         raise RequestError(f"image must be a path, a PIL image or a numpy array, got {type(image).__name__}")
+
+    def _from_pil(self, im: Image.Image) -> np.ndarray:
+        try:
+            return from_pil(im, self._engine.dims.cell, fit=self._engine.limits.fit)
+        except (ImageError, OSError, ValueError) as e:  # a lazily decoded image can fail only now
+            if isinstance(e, RequestError):
+                raise
+            raise RequestError(f"PIL image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
 
     # ---- tasks ----------------------------------------------------------------------------------
     def understand(self, image: ImageInput, prompt: str, *, max_new_tokens: int = 32, temperature: float = 0.0,

@@ -1,23 +1,109 @@
 """The bundle: a folder of per-component graphs (and engines) described by ``manifest.json``.
 
-The runtime owns this schema; the exporter writes it through these types. A bundle is untrusted
-input: every file's sha256 is checked against the manifest before anything is loaded.
+The runtime owns this schema; the exporter writes it through these types. A bundle is untrusted input:
+the manifest is parsed strictly (types, ranges, no duplicate keys, no NaN), every path it names must
+resolve to a regular file inside the bundle folder, and every file is read once, hashed, and used from
+those same bytes (``Bundle.read``): a file swapped after the check is never the file that runs.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .paths import UnsafePathError, check_name, confined, read_regular, sha256_bytes
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+CREATED_BY = "emma-export"  # the marker that lets a later build replace this folder without --overwrite
+MAX_MANIFEST_BYTES = 16 << 20
+MAX_FILE_BYTES = 1 << 40  # no bundle file is hashed past 1 TiB (a sparse or runaway file)
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "int8", "uint8")
+_MAX_DIM = (1 << 31) - 1
+_SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
 class BundleError(ValueError):
     """A missing, corrupt or mismatched bundle; the message names the file."""
+
+
+class _Fields:
+    """Typed access to one JSON object of the manifest; every error names where it is."""
+
+    def __init__(self, d: object, where: str):
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected an object, got {type(d).__name__}")
+        self.d, self.where = d, where
+
+    def _get(self, key: str, default: Any = ...) -> Any:
+        if key not in self.d:
+            if default is ...:
+                raise BundleError(f"{self.where}: missing field '{key}'")
+            return default
+        return self.d[key]
+
+    def str(self, key: str, default: Any = ..., choices: tuple[str, ...] | None = None) -> str:
+        v = self._get(key, default)
+        if not isinstance(v, str):
+            raise BundleError(f"{self.where}.{key}: expected a string, got {v!r}")
+        if choices and v not in choices:
+            raise BundleError(f"{self.where}.{key}: {v!r} is not one of {', '.join(choices)}")
+        return v
+
+    def sha(self, key: str) -> str:
+        v = self.str(key)
+        if not _SHA.match(v):
+            raise BundleError(f"{self.where}.{key}: not a sha256 hex digest ({v[:20]!r})")
+        return v
+
+    def int(self, key: str, lo: int = 1, hi: int = _MAX_DIM, default: Any = ...) -> int:
+        v = self._get(key, default)
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise BundleError(f"{self.where}.{key}: expected an integer in [{lo}, {hi}], got {v!r}")
+        return v
+
+    def float(self, key: str, lo: float = -math.inf, hi: float = math.inf, default: Any = ..., open_lo: bool = False) -> float:
+        v = self._get(key, default)
+        ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and lo <= v <= hi and not (open_lo and v == lo)
+        if not ok:
+            raise BundleError(f"{self.where}.{key}: expected a finite number {'>' if open_lo else '>='} {lo}"
+                              f"{'' if hi == math.inf else f' and <= {hi}'}, got {v!r}")
+        return float(v)
+
+    def obj(self, key: str, default: Any = ...) -> dict:
+        v = self._get(key, default)
+        if not isinstance(v, dict):
+            raise BundleError(f"{self.where}.{key}: expected an object, got {type(v).__name__}")
+        return v
+
+    def list(self, key: str, default: Any = ...) -> list:
+        v = self._get(key, default)
+        if not isinstance(v, list):
+            raise BundleError(f"{self.where}.{key}: expected a list, got {type(v).__name__}")
+        return v
+
+
+def _file_name(name: object, where: str) -> str:
+    try:
+        return check_name(name, where)
+    except UnsafePathError as e:
+        raise BundleError(str(e)) from None
+
+
+def _profile(d: dict, where: str) -> dict[str, tuple[int, int, int]]:
+    out = {}
+    for k, v in d.items():
+        ok = (isinstance(k, str) and _SYMBOL.match(k) and isinstance(v, list) and len(v) == 3
+              and all(isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_DIM for x in v) and v[0] <= v[1] <= v[2])
+        if not ok:
+            raise BundleError(f"{where}.{k}: a profile entry is [min, opt, max] with 0 <= min <= opt <= max, got {v!r}")
+        out[k] = tuple(v)
+    return out
 
 
 @dataclass(frozen=True)
@@ -27,8 +113,18 @@ class TensorInfo:
     shape: tuple[int | str, ...]
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TensorInfo":
-        return cls(d["name"], d["dtype"], tuple(d["shape"]))
+    def from_dict(cls, d: dict, where: str = "tensor") -> "TensorInfo":
+        f = _Fields(d, where)
+        name = f.str("name")
+        shape = f.list("shape")
+        for x in shape:
+            sym = isinstance(x, str) and _SYMBOL.match(x)
+            dim = isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_DIM
+            if not (sym or dim):
+                raise BundleError(f"{where}.shape: {x!r} is neither a dimension in [0, {_MAX_DIM}] nor a symbol")
+        if len(shape) > 8:
+            raise BundleError(f"{where}.shape: {len(shape)} dimensions (at most 8)")
+        return cls(name, f.str("dtype", choices=DTYPES), tuple(shape))
 
     def to_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -45,9 +141,11 @@ class EngineInfo:
     flavour: str = ""  # "tensorrt" or "tensorrt-rtx": which runtime deserializes it
 
     @classmethod
-    def from_dict(cls, d: dict) -> "EngineInfo":
-        return cls(d["file"], d["sha256"], d["target"], d["compute_capability"],
-                   {k: tuple(v) for k, v in d["profile"].items()}, d.get("build_seconds", 0.0), d.get("flavour", ""))
+    def from_dict(cls, d: dict, where: str = "engine") -> "EngineInfo":
+        f = _Fields(d, where)
+        return cls(_file_name(f.str("file"), f"{where}.file"), f.sha("sha256"), f.str("target"), f.str("compute_capability"),
+                   _profile(f.obj("profile"), f"{where}.profile"), f.float("build_seconds", 0.0, default=0.0),
+                   f.str("flavour", default=""))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": {k: list(v) for k, v in self.profile.items()}}
@@ -65,17 +163,31 @@ class ComponentInfo:
     engine: EngineInfo | None = None
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ComponentInfo":
+    def from_dict(cls, d: dict, where: str = "component") -> "ComponentInfo":
+        f = _Fields(d, where)
+        data_files = []
+        for i, x in enumerate(f.list("data_files", default=[])):
+            if not (isinstance(x, list) and len(x) == 2):
+                raise BundleError(f"{where}.data_files[{i}]: expected [file, sha256], got {x!r}")
+            g = _Fields({"file": x[0], "sha256": x[1]}, f"{where}.data_files[{i}]")
+            data_files.append((_file_name(g.str("file"), f"{where}.data_files[{i}]"), g.sha("sha256")))
+        engine = f._get("engine", None)
         return cls(
-            file=d["file"],
-            sha256=d["sha256"],
-            inputs=tuple(TensorInfo.from_dict(x) for x in d["inputs"]),
-            outputs=tuple(TensorInfo.from_dict(x) for x in d["outputs"]),
-            precision=d.get("precision", "fp32"),
-            data_files=tuple(tuple(x) for x in d.get("data_files", [])),
-            profile={k: tuple(v) for k, v in d.get("profile", {}).items()},
-            engine=EngineInfo.from_dict(d["engine"]) if d.get("engine") else None,
+            file=_file_name(f.str("file"), f"{where}.file"),
+            sha256=f.sha("sha256"),
+            inputs=tuple(TensorInfo.from_dict(x, f"{where}.inputs[{i}]") for i, x in enumerate(f.list("inputs"))),
+            outputs=tuple(TensorInfo.from_dict(x, f"{where}.outputs[{i}]") for i, x in enumerate(f.list("outputs"))),
+            precision=f.str("precision", default="fp32"),
+            data_files=tuple(data_files),
+            profile=_profile(f.obj("profile", default={}), f"{where}.profile"),
+            engine=EngineInfo.from_dict(engine, f"{where}.engine") if engine else None,
         )
+
+    def tensor(self, name: str) -> TensorInfo:
+        for t in self.inputs + self.outputs:
+            if t.name == name:
+                return t
+        raise BundleError(f"component graph has no tensor '{name}'")
 
     def to_dict(self) -> dict:
         d = {
@@ -115,12 +227,25 @@ class ModelDims:
     cfg_image: float
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelDims":
-        names = set(cls.__dataclass_fields__)
-        missing = names - set(d)
+    def from_dict(cls, d: dict, where: str = "model") -> "ModelDims":
+        f = _Fields(d, where)
+        missing = set(cls.__dataclass_fields__) - set(f.d)
         if missing:
-            raise BundleError(f"{MANIFEST}: model section lacks {sorted(missing)}")
-        return cls(**{k: d[k] for k in names})
+            raise BundleError(f"{where}: lacks {sorted(missing)}")
+        dims = cls(
+            hidden_size=f.int("hidden_size", hi=1 << 20), num_layers=f.int("num_layers", hi=4096),
+            num_kv_heads=f.int("num_kv_heads", hi=4096), head_dim=f.int("head_dim", hi=1 << 16),
+            vocab_size=f.int("vocab_size", hi=1 << 24), latent_channels=f.int("latent_channels", hi=1 << 16),
+            cell=f.int("cell", hi=1 << 12), und_feature_dim=f.int("und_feature_dim", hi=1 << 20),
+            num_experts=f.int("num_experts", hi=64), max_context=f.int("max_context", hi=1 << 22),
+            reference_branch=f.str("reference_branch", choices=("und", "gen")),
+            default_image_size=f.int("default_image_size", hi=1 << 16), steps=f.int("steps", hi=10_000),
+            shift=f.float("shift", 0.0, 1e4, open_lo=True), cfg=f.float("cfg", -1e4, 1e4),
+            cfg_text=f.float("cfg_text", -1e4, 1e4), cfg_image=f.float("cfg_image", -1e4, 1e4),
+        )
+        if dims.default_image_size % dims.cell:
+            raise BundleError(f"{where}.default_image_size: {dims.default_image_size} is not a multiple of cell {dims.cell}")
+        return dims
 
 
 @dataclass(frozen=True)
@@ -156,30 +281,35 @@ class Manifest:
         )
 
     @classmethod
-    def from_json(cls, text: str, source: str = MANIFEST) -> "Manifest":
+    def from_json(cls, text: str | bytes, source: str = MANIFEST) -> "Manifest":
         try:
-            d = json.loads(text)
-        except json.JSONDecodeError as e:
+            d = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise BundleError(f"{source}: not valid JSON ({e})") from None
-        try:
-            fv = d["format_version"]
-            if fv != FORMAT_VERSION:
-                raise BundleError(f"{source}: format_version {fv}, this runtime reads {FORMAT_VERSION}")
-            return cls(
-                format_version=fv,
-                config_name=d["config_name"],
-                config=d["config"],
-                model=ModelDims.from_dict(d["model"]),
-                precision=d["precision"],
-                target=d["target"],
-                components={k: ComponentInfo.from_dict(v) for k, v in d["components"].items()},
-                tokenizer=(d["tokenizer"]["file"], d["tokenizer"]["sha256"]),
-                precision_policy=d.get("precision_policy", {}),
-                weights=d.get("weights", {}),
-                created_by=d.get("created_by", ""),
-            )
-        except KeyError as e:
-            raise BundleError(f"{source}: missing field {e}") from None
+        except ValueError as e:  # a duplicated key or NaN, from the hooks
+            raise BundleError(f"{source}: {e}") from None
+        f = _Fields(d, source)
+        fv = f._get("format_version")
+        if fv != FORMAT_VERSION or isinstance(fv, bool):
+            raise BundleError(f"{source}: format_version {fv!r}, this runtime reads {FORMAT_VERSION}")
+        comps = f.obj("components")
+        tok = _Fields(f.obj("tokenizer"), f"{source}: tokenizer")
+        policy = f.obj("precision_policy", default={})
+        if not all(isinstance(v, str) for v in policy.values()):
+            raise BundleError(f"{source}: precision_policy values must be strings")
+        return cls(
+            format_version=fv,
+            config_name=f.str("config_name"),
+            config=f.obj("config"),
+            model=ModelDims.from_dict(f.obj("model"), f"{source}: model"),
+            precision=f.str("precision"),
+            target=f.str("target"),
+            components={_component_name(k, source): ComponentInfo.from_dict(v, f"{source}: components.{k}") for k, v in comps.items()},
+            tokenizer=(_file_name(tok.str("file"), f"{source}: tokenizer.file"), tok.sha("sha256")),
+            precision_policy=policy,
+            weights=f.obj("weights", default={}),
+            created_by=f.str("created_by", default=""),
+        )
 
     def files(self) -> list[tuple[str, str]]:
         """Every (file, sha256) the bundle must contain."""
@@ -192,7 +322,29 @@ class Manifest:
         return out
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
+    d: dict = {}
+    for k, v in pairs:
+        if k in d:
+            raise ValueError(f"duplicated key {k!r} (a reader could take either value)")
+        d[k] = v
+    return d
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a number a manifest may hold")
+
+
+def _component_name(k: str, source: str) -> str:
+    if not _SYMBOL.match(k):
+        raise BundleError(f"{source}: component name {k!r} is not an identifier")
+    return k
+
+
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """The exporter's digest of a file it just wrote (its own output, not untrusted input)."""
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -207,36 +359,95 @@ REQUIRED_COMPONENTS = (
 
 
 @dataclass(frozen=True)
+class Graph:
+    """A component's ONNX graph and the external data files it references, as verified bytes; the
+    names are the locations the graph itself uses (relative to the graph's folder)."""
+
+    model: bytes
+    data: dict[str, bytearray]
+
+
+@dataclass(frozen=True)
 class Bundle:
     root: Path
     manifest: Manifest
+    # every file this bundle read, resolved: a test checks that none lies outside ``root``
+    opened: list[Path] = field(default_factory=list, compare=False, repr=False)
 
     def path(self, file: str) -> Path:
-        return self.root / file
+        """The resolved path of a file the manifest names, confined to the bundle folder."""
+        try:
+            return confined(self.root, file, MANIFEST, MAX_FILE_BYTES)
+        except UnsafePathError as e:
+            raise BundleError(str(e)) from None
+
+    def read(self, file: str, sha256: str) -> bytearray:
+        """The file's bytes, checked against ``sha256``: use these bytes, never the path again."""
+        p = self.path(file)
+        try:
+            data = read_regular(p, MANIFEST, MAX_FILE_BYTES)
+        except UnsafePathError as e:
+            raise BundleError(str(e)) from None
+        self.opened.append(p)
+        got = sha256_bytes(data)
+        if got != sha256:
+            raise BundleError(f"{self.root / file}: sha256 mismatch (manifest {sha256[:12]}..., file {got[:12]}...): corrupt or tampered")
+        return data
+
+    def graph(self, component: str) -> Graph:
+        info = self.manifest.components[component]
+        folder = info.file.rpartition("/")[0]
+        data = {}
+        for file, digest in info.data_files:
+            if folder and not file.startswith(folder + "/"):
+                raise BundleError(f"{self.root / file}: external data of {component} must sit in its graph's folder")
+            data[file[len(folder) + 1:] if folder else file] = self.read(file, digest)
+        return Graph(bytes(self.read(info.file, info.sha256)), data)
+
+    def engine(self, component: str) -> bytearray:
+        info = self.manifest.components[component]
+        if info.engine is None:
+            raise BundleError(f"{component}: the bundle has no TensorRT engine for it")
+        return self.read(info.engine.file, info.engine.sha256)
+
+    def tokenizer(self):
+        """The bundle's tokenizer, parsed from its verified bytes, with special tokens off for user text."""
+        from tokenizers import Tokenizer
+
+        file, digest = self.manifest.tokenizer
+        data = self.read(file, digest)
+        try:
+            tok = Tokenizer.from_str(data.decode("utf-8"))
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise BundleError(f"{self.root / file}: not a valid tokenizer.json ({str(e).splitlines()[0][:160]})") from None
+        tok.encode_special_tokens = True  # a prompt's "<|im_end|>" is text, never the template's id
+        return tok
 
     @classmethod
     def load(cls, root: str | Path, check_files: bool = True) -> "Bundle":
+        """Parses and checks the manifest and every path it names (always); with ``check_files`` also
+        hashes every file. A runtime that opens the graphs right away reads each through ``read`` instead,
+        so every byte is hashed once and the hashed bytes are the ones used."""
         root = Path(root)
-        mpath = root / MANIFEST
         if not root.is_dir():
             raise BundleError(f"{root}: no such bundle directory")
-        if not mpath.exists():
-            raise BundleError(f"{mpath}: missing (not an EMMA bundle)")
-        manifest = Manifest.from_json(mpath.read_text(), str(mpath))
+        try:
+            mpath = confined(root, MANIFEST, "bundle manifest", MAX_MANIFEST_BYTES)
+            text = read_regular(mpath, "bundle manifest", MAX_MANIFEST_BYTES)
+        except UnsafePathError as e:
+            raise BundleError(f"{e} (not an EMMA bundle)" if "missing" in str(e) else str(e)) from None
+        manifest = Manifest.from_json(bytes(text), str(root / MANIFEST))
         need = list(REQUIRED_COMPONENTS) + [f"und_expert_{i}" for i in range(manifest.model.num_experts)]
         for name in need:
             if name not in manifest.components:
-                raise BundleError(f"{mpath}: component '{name}' is missing")
+                raise BundleError(f"{root / MANIFEST}: component '{name}' is missing")
         bundle = cls(root, manifest)
+        for file, _ in manifest.files():
+            bundle.path(file)
         if check_files:
             bundle.verify_checksums()
         return bundle
 
     def verify_checksums(self) -> None:
         for file, digest in self.manifest.files():
-            p = self.root / file
-            if not p.exists():
-                raise BundleError(f"{p}: missing file listed in {MANIFEST}")
-            got = sha256_file(p)
-            if got != digest:
-                raise BundleError(f"{p}: sha256 mismatch (manifest {digest[:12]}..., file {got[:12]}...): corrupt or tampered")
+            self.read(file, digest)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import io
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .limits import RequestError
 
 
 class ImageError(ValueError):
@@ -16,25 +21,41 @@ def nearest_multiple(x: int, m: int) -> int:
     return max(m, int(round(x / m)) * m)
 
 
-def load_image(path: str | Path, cell: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """-> (1, 3, H, W) float32 in [-1, 1]. Each side is resized (bicubic) to the nearest multiple
-    of ``cell`` (32), or to ``size`` = (H, W) when given."""
-    path = Path(path)
+def load_image(path, cell: int, size: tuple[int, int] | None = None, fit=None) -> np.ndarray:
+    """-> (1, 3, H, W) float32 in [-1, 1]. ``path``: a file path, bytes or a binary file object.
+    Each side is resized (bicubic) to the nearest multiple of ``cell`` (32), or to ``size`` = (H, W)
+    when given, or to ``fit(h, w)`` -> (H, W) (the request limits), which sees the size the image
+    declares in its header before a pixel is decoded and may refuse it."""
+    name = f"{len(path)}-byte image" if isinstance(path, (bytes, bytearray)) else str(getattr(path, "name", path))
+    src = io.BytesIO(path) if isinstance(path, (bytes, bytearray)) else path
     try:
-        with Image.open(path) as im:
-            return from_pil(im, cell, size)
+        if isinstance(src, (str, Path)) and Path(src).is_dir():
+            raise ImageError(f"{name}: is a folder, not an image file")
+        with Image.open(src) as im:
+            return from_pil(im, cell, size, fit)
     except FileNotFoundError:
-        raise ImageError(f"{path}: no such image file") from None
-    except (UnidentifiedImageError, OSError) as e:
-        raise ImageError(f"{path}: unreadable image ({e})") from None
+        raise ImageError(f"{name}: no such image file") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name}: refused, {e}") from None
+    except (ImageError, RequestError):
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:  # what PIL raises for broken files
+        raise ImageError(f"{name}: unreadable image ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-def from_pil(im: Image.Image, cell: int, size: tuple[int, int] | None = None) -> np.ndarray:
-    """A PIL image -> (1, 3, H, W) float32 in [-1, 1], resized as ``load_image`` does."""
+def from_pil(im: Image.Image, cell: int, size: tuple[int, int] | None = None, fit=None) -> np.ndarray:
+    """A PIL image -> (1, 3, H, W) float32 in [-1, 1], sized as ``load_image`` says. An image opened
+    from a file is decoded only here, after ``fit`` has seen the size its header declares."""
+    w, h = im.size  # the header's claim: nothing is decoded yet
+    if size:
+        H, W = size
+    elif fit is not None:
+        H, W = fit(h, w)
+    else:
+        H, W = nearest_multiple(h, cell), nearest_multiple(w, cell)
+    im.draft("RGB", (W, H))  # JPEG decodes at a reduced scale when it can
     im = im.convert("RGB")
-    w, h = im.size
-    H, W = size if size else (nearest_multiple(h, cell), nearest_multiple(w, cell))
-    if (H, W) != (h, w):
+    if im.size != (W, H):
         im = im.resize((W, H), Image.BICUBIC)
     return to_model(np.asarray(im, dtype=np.float32))
 
@@ -55,10 +76,47 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray(to_uint8(image))
 
 
+def check_input(path: str | Path) -> Path:
+    """An input image path that exists and is a regular file (checked before the bundle is loaded)."""
+    path = Path(path)
+    if not path.exists():
+        raise ImageError(f"{path}: no such image file")
+    if not path.is_file():
+        raise ImageError(f"{path}: not a regular file (an image is read from a file)")
+    return path
+
+
+def check_output(path: str | Path, overwrite: bool = False) -> Path:
+    """Refuses, before any work, an output path that cannot be written or would replace a file unasked."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImageError(f"{path}: is a folder; --out names the PNG file to write")
+    if path.exists() and not overwrite:
+        raise ImageError(f"{path}: exists; pass --overwrite to replace it")
+    if path.exists() and not path.is_file():
+        raise ImageError(f"{path}: not a regular file")
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ImageError(f"{path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK):
+        raise ImageError(f"{path}: folder {parent} is not writable")
+    return path
+
+
 def save_png(image: np.ndarray, path: str | Path) -> Path:
+    """Writes through a temporary file renamed into place: a failure never leaves half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(to_uint8(image)).save(path, format="PNG")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(to_uint8(image)).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return path
 
 

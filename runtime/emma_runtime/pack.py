@@ -12,7 +12,6 @@ nothing behind, and an existing folder is replaced only when asked.
 from __future__ import annotations
 
 import os
-import posixpath
 import shutil
 import tarfile
 import tempfile
@@ -22,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from .bundle import MANIFEST, Bundle, BundleError, Manifest
+from .bundle import MANIFEST, MAX_MANIFEST_BYTES, Bundle, BundleError, Manifest
+from .paths import UnsafePathError, check_name
 
 GIB = 2**30
 _CHUNK = 1 << 22
@@ -39,7 +39,7 @@ class UnpackLimits:
     max_members: int = 4096
     max_total_bytes: int = 256 * GIB
     max_member_bytes: int = 64 * GIB
-    max_manifest_bytes: int = 16 * 2**20
+    max_manifest_bytes: int = MAX_MANIFEST_BYTES
 
 
 @dataclass(frozen=True)
@@ -104,17 +104,18 @@ def pack_bundle(src: str | Path, archive: str | Path, progress: bool = False) ->
     mode = _mode(archive, writing=True)
     bundle = Bundle.load(src)
     names = bundle_files(bundle.manifest)
-    sizes = {n: (src / n).stat().st_size for n in names}
+    paths = {n: bundle.path(n) if n != MANIFEST else src / MANIFEST for n in names}  # confined, links resolved
+    sizes = {n: p.stat().st_size for n, p in paths.items()}
     archive.parent.mkdir(parents=True, exist_ok=True)
     partial = archive.with_name(archive.name + ".partial")
     bar = _Progress(sum(sizes.values()), f"pack {archive.name}", progress)
     try:
         with tarfile.open(partial, mode, format=tarfile.PAX_FORMAT) as tar:
             for n in names:
-                st = (src / n).stat()  # follows links: the archive holds the bytes, never a link
+                st = paths[n].stat()  # the archive holds the bytes, never a link
                 ti = tarfile.TarInfo(n)
                 ti.size, ti.mtime, ti.mode = st.st_size, int(st.st_mtime), 0o644
-                with open(src / n, "rb") as f:
+                with open(paths[n], "rb") as f:
                     tar.addfile(ti, _CountingReader(f, bar))
         os.replace(partial, archive)
     except BaseException:
@@ -128,26 +129,18 @@ def pack_bundle(src: str | Path, archive: str | Path, progress: bool = False) ->
 # ---- unpack -------------------------------------------------------------------------------------
 
 def member_name(archive: Path, m: tarfile.TarInfo) -> str:
-    """The member's name, checked: relative, normalised, inside the bundle. A leading ``./`` (what
-    ``tar -C bundle -cf b.tar .`` writes) is dropped."""
+    """The member's name, checked as a manifest's file names are (relative, normalised, inside the
+    bundle). A leading ``./`` (what ``tar -C bundle -cf b.tar .`` writes) is dropped; ``""`` is the
+    archive's own root folder."""
     raw = m.name
     name = raw[2:] if raw.startswith("./") else raw
     name = name.rstrip("/") if m.isdir() else name
-    where = f"{archive}: member {raw!r}"
-    if not name or name == ".":
-        if m.isdir():
-            return ""  # the archive's own root folder
-        raise PackError(f"{where}: empty name")
-    if "\x00" in name or "\\" in name:
-        raise PackError(f"{where}: name contains a NUL or a backslash")
-    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
-        raise PackError(f"{where}: absolute path")
-    parts = name.split("/")
-    if ".." in parts:
-        raise PackError(f"{where}: '..' in the path")
-    if posixpath.normpath(name) != name:
-        raise PackError(f"{where}: not a normalised path (expected {posixpath.normpath(name)!r})")
-    return name
+    if m.isdir() and name in ("", "."):
+        return ""
+    try:
+        return check_name(name, f"{archive}: member {raw!r}")
+    except UnsafePathError as e:
+        raise PackError(str(e)) from None
 
 
 def check_members(archive: Path, members: Iterable[tarfile.TarInfo], limits: UnpackLimits

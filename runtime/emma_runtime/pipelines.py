@@ -13,19 +13,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer
 
 from . import template
 from .backends import make_backend
-from .bundle import Bundle
-from .images import ImageError, check_size, load_image
+from .bundle import Bundle, BundleError
+from .images import ImageError, load_image
 from .kv_cache import KVCache
+from .limits import Limits, RequestError
 from .sampling import initial_noise, sample_token, timesteps
 from .template import Image, SpecialIds, Text
 
 
-class RequestError(ValueError):
-    """Bad user input (image size, prompt length, options): one clear line."""
+class NonFiniteError(BundleError):
+    """A component produced NaN or Inf (broken weights, an overflow in low precision): the task stops."""
 
 
 @dataclass
@@ -66,7 +66,7 @@ class _Progress:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, backend, quiet: bool = True, cfg_mode: str = "batch"):
+    def __init__(self, bundle: Bundle, backend, quiet: bool = True, cfg_mode: str = "batch", limits: Limits | None = None):
         self.bundle = bundle
         self.dims = bundle.manifest.model
         self.backend = backend
@@ -77,29 +77,43 @@ class Pipeline:
         if cfg_mode not in ("batch", "sequential"):
             raise ValueError("cfg_mode must be 'batch' or 'sequential'")
         self.cfg_mode = cfg_mode
-        self.tokenizer = Tokenizer.from_file(str(bundle.path(bundle.manifest.tokenizer[0])))
-        self.special = SpecialIds.from_tokenizer(self.tokenizer)
-        self._sessions: dict[str, object] = {}
+        self.limits = limits or Limits.for_manifest(bundle.manifest)
+        self.tokenizer = bundle.tokenizer()
+        try:
+            self.special = SpecialIds.from_tokenizer(self.tokenizer)
+        except ValueError as e:
+            raise BundleError(f"{bundle.root / bundle.manifest.tokenizer[0]}: {e}") from None
         # The cache holds what the backbone graphs emit (fp32, or fp16 for a half-precision bundle).
-        kv = next(t for t in bundle.manifest.components["backbone_und"].outputs if t.name == "new_keys")
+        try:
+            kv = bundle.manifest.components["backbone_und"].tensor("new_keys")
+        except BundleError as e:
+            raise BundleError(f"{bundle.root}: backbone_und: {e}") from None
         self.kv_dtype = np.dtype(kv.dtype)
+        # Every graph is opened now, from the bytes its checksum was computed on: nothing the bundle
+        # folder holds later (a graph swapped after load) is ever read.
+        self._sessions: dict[str, object] = {name: backend.open(bundle, name) for name in bundle.manifest.components}
 
     @classmethod
-    def load(cls, path: str | Path, backend: str = "ort", provider: str | None = None, quiet: bool = True, cfg_mode: str = "batch") -> "Pipeline":
-        return cls(Bundle.load(path), make_backend(backend, provider), quiet=quiet, cfg_mode=cfg_mode)
+    def load(cls, path: str | Path, backend: str = "ort", provider: str | None = None, quiet: bool = True, cfg_mode: str = "batch",
+             limits: Limits | None = None) -> "Pipeline":
+        # Paths are checked here; contents are hashed as each graph is opened (once, from the same bytes).
+        return cls(Bundle.load(path, check_files=False), make_backend(backend, provider), quiet=quiet, cfg_mode=cfg_mode, limits=limits)
 
     def session(self, name: str):
-        if name not in self._sessions:
-            self._sessions[name] = self.backend.open(self.bundle, name)
         return self._sessions[name]
 
     def warmup(self) -> None:
-        for name in self.bundle.manifest.components:
-            self.session(name)
+        """Sessions open when the pipeline is made; kept for callers that time a warm start."""
 
     # ---- components -----------------------------------------------------------------------------
     def _run(self, name: str, outputs=None, **inputs):
         return self.session(name).run(inputs, outputs)
+
+    def _finite(self, name: str, a: np.ndarray) -> np.ndarray:
+        a_host = self.backend.to_host(a)
+        if not np.isfinite(a_host).all():
+            raise NonFiniteError(f"{name} produced NaN or Inf: the bundle's weights or this precision overflow; nothing was written")
+        return a
 
     def embed(self, ids: list[int]) -> np.ndarray:
         return self._run("embed_tokens", input_ids=np.asarray([ids], dtype=np.int64))["inputs_embeds"]
@@ -115,7 +129,8 @@ class Pipeline:
         return self._run("ae_encoder", image=image)["latents"]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
-        return self._run("ae_decoder", latents=latents.astype(np.float32))["image"]
+        self._finite("the denoising loop (backbone_gen / gen_head)", latents)
+        return self._finite("ae_decoder", self._run("ae_decoder", latents=latents.astype(np.float32))["image"])
 
     def und_image_embeds(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         feats, chosen = self.und_features(image)
@@ -178,25 +193,31 @@ class Pipeline:
         return cache, hidden[:, -1:], info
 
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        return self._run("lm_head", hidden_states=hidden)["logits"][0, -1]
+        return self._finite("lm_head (backbone_und)", self._run("lm_head", hidden_states=hidden)["logits"][0, -1])
 
     # ---- tasks ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt, add_special_tokens=False).ids
+        return template.text_ids(self.tokenizer, self.limits.prompt(prompt))
 
     def _image(self, image) -> np.ndarray:
-        if isinstance(image, (str, Path)):
-            return load_image(image, self.dims.cell)
+        if isinstance(image, (str, Path, bytes, bytearray)) or hasattr(image, "read"):
+            try:
+                return load_image(image, self.dims.cell, fit=self.limits.fit)
+            except ImageError as e:
+                raise RequestError(str(e)) from None
         a = np.asarray(image, dtype=np.float32)
         if a.ndim != 4 or a.shape[:2] != (1, 3):
             raise RequestError(f"image array must be (1, 3, H, W) in [-1, 1], got {a.shape}")
-        try:
-            check_size(a.shape[2], a.shape[3], self.dims.cell)
-        except ImageError as e:
-            raise RequestError(str(e)) from None
+        self.limits.image_size(int(a.shape[2]), int(a.shape[3]))
+        if not np.isfinite(a).all():
+            raise RequestError("image array holds NaN or Inf")
         return a
 
     def understand(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> UnderstandOutput:
+        L = self.limits
+        max_new_tokens, seed = L.new_tokens(max_new_tokens), L.seed(seed)
+        temperature = L.number("temperature", temperature, 0.0, L.max_temperature)
+        top_p = L.number("top_p", top_p, 0.0, 1.0, open_lo=True)
         t0 = time.perf_counter()
         img = self._image(image)
         segs = template.understand(self.special, self._prompt_ids(prompt))
@@ -247,16 +268,20 @@ class Pipeline:
         bar.close()
         return x
 
+    def _sampler(self, steps: int | None, shift: float | None, seed: int) -> tuple[int, float, int]:
+        """None takes the bundle's default; anything given is checked, never silently replaced."""
+        L = self.limits
+        steps = L.steps(self.dims.steps if steps is None else steps)
+        shift = L.number("shift", self.dims.shift if shift is None else shift, 0.0, L.max_shift, open_lo=True)
+        return steps, shift, L.seed(seed)
+
     def generate(self, prompt: str, height: int | None = None, width: int | None = None, steps: int | None = None,
                  cfg: float | None = None, shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None) -> ImageOutput:
-        d = self.dims
-        H, W = height or d.default_image_size, width or d.default_image_size
-        try:
-            check_size(H, W, d.cell)
-        except ImageError as e:
-            raise RequestError(str(e)) from None
-        steps, shift = steps or d.steps, shift or d.shift
-        cfg = d.cfg if cfg is None else cfg
+        d, L = self.dims, self.limits
+        H, W = L.image_size(d.default_image_size if height is None else height, d.default_image_size if width is None else width)
+        steps, shift, seed = self._sampler(steps, shift, seed)
+        cfg = L.number("cfg", d.cfg if cfg is None else cfg, -L.max_guidance, L.max_guidance)
+        prompt = L.prompt(prompt)
         h, w = H // d.cell, W // d.cell
         noise = initial_noise(seed, d.latent_channels, h, w) if noise is None else noise
         t0 = time.perf_counter()
@@ -275,12 +300,13 @@ class Pipeline:
 
     def edit(self, image, prompt: str, steps: int | None = None, cfg_text: float | None = None, cfg_image: float | None = None,
              shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None) -> ImageOutput:
-        d = self.dims
+        d, L = self.dims, self.limits
+        steps, shift, seed = self._sampler(steps, shift, seed)
+        s_txt = L.number("cfg_text", d.cfg_text if cfg_text is None else cfg_text, -L.max_guidance, L.max_guidance)
+        s_img = L.number("cfg_image", d.cfg_image if cfg_image is None else cfg_image, -L.max_guidance, L.max_guidance)
+        prompt = L.prompt(prompt)
         img = self._image(image)
         h, w = img.shape[2] // d.cell, img.shape[3] // d.cell
-        steps, shift = steps or d.steps, shift or d.shift
-        s_txt = d.cfg_text if cfg_text is None else cfg_text
-        s_img = d.cfg_image if cfg_image is None else cfg_image
         noise = initial_noise(seed, d.latent_channels, h, w) if noise is None else noise
         t0 = time.perf_counter()
         rb = d.reference_branch

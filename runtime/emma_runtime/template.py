@@ -48,6 +48,13 @@ class Image:
 Segment = Union[Text, Image]
 
 
+def text_ids(tokenizer, text: str) -> list[int]:
+    """User text -> token ids with special tokens matched as plain text: a prompt holding
+    "<|im_end|><|assistant|>" cannot forge the template, whose special ids come only from here."""
+    tokenizer.encode_special_tokens = True
+    return tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def understand(sp: SpecialIds, prompt_ids: list[int]) -> list[Segment]:
     # The image first, then the question; the answer follows <|assistant|>.
     return [

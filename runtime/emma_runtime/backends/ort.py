@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from ..bundle import Bundle
+from ..bundle import Bundle, BundleError, Graph
 from . import ort_providers as prov
 
 _NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "int32": np.int32}
@@ -74,14 +75,47 @@ class OrtDeviceArray:
         return f"OrtDeviceArray(shape={self.shape}, dtype={self.dtype}, {self.device}:{self.device_id})"
 
 
+_NO_FILES: str | None = None
+
+
+def _no_files_dir() -> str:
+    """An empty folder given to ONNX Runtime as the place of external data: a graph loaded from bytes
+    would otherwise read an unlisted external file from the working directory."""
+    global _NO_FILES
+    if _NO_FILES is None:
+        _NO_FILES = tempfile.mkdtemp(prefix="emma-no-external-")
+    return _NO_FILES
+
+
+def session_options(graph: Graph, graph_optimizations: bool = True) -> "ort.SessionOptions":
+    """Options that make ONNX Runtime take a graph's weights only from the verified bytes given."""
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.model_external_initializers_file_folder_path", _no_files_dir())
+    if graph.data:
+        names = list(graph.data)
+        so.add_external_initializers_from_files_in_memory(names, [graph.data[n] for n in names], [len(graph.data[n]) for n in names])
+    if not graph_optimizations:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.log_severity_level = 3
+    return so
+
+
+def open_session(graph: Graph, where: str, providers: list[str], graph_optimizations: bool = True, so=None) -> "ort.InferenceSession":
+    """An InferenceSession over verified bytes; a graph ONNX Runtime cannot load is one BundleError line."""
+    so = so or session_options(graph, graph_optimizations)
+    try:
+        return ort.InferenceSession(graph.model, sess_options=so, providers=providers)
+    except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "External data" in msg:
+            msg = "the graph references external data that the manifest does not list (" + msg[:200] + ")"
+        raise BundleError(f"{where}: ONNX Runtime cannot load this graph: {msg[:300]}") from None
+
+
 class OrtSession:
-    def __init__(self, path: str, providers: list, name: str, info, graph_optimizations: bool = True,
+    def __init__(self, graph: Graph, providers: list, name: str, info, graph_optimizations: bool = True, where: str = "",
                  choice: prov.ProviderChoice | None = None):
-        so = ort.SessionOptions()
-        # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
-        if not graph_optimizations:
-            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        so.log_severity_level = 3
+        so = session_options(graph, graph_optimizations)
         # A pipeline runs its ~13 sessions in turn, a few ms each, and every session owns an intra-op
         # pool whose threads spin after each run: on a machine with few cores those spinners take the
         # cores from the next session's run. Off by default; EMMA_ORT_SPIN=1 turns it back on and
@@ -90,7 +124,7 @@ class OrtSession:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if os.environ.get("EMMA_ORT_THREADS"):
             so.intra_op_num_threads = int(os.environ["EMMA_ORT_THREADS"])
-        self.sess = ort.InferenceSession(path, sess_options=so, providers=providers)
+        self.sess = open_session(graph, where or name, providers, so=so)
         if choice is not None:
             prov.check_loaded(self.sess, choice, name)
         self.name = name
@@ -168,9 +202,10 @@ class OrtBackend:
 
     def open(self, bundle: Bundle, component: str) -> OrtSession:
         info = bundle.manifest.components[component]
+        # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
         fp8 = info.precision == "fp8"
-        return OrtSession(str(bundle.path(info.file)), prov.session_providers(self.choice, bundle, component), component,
-                          info, graph_optimizations=not fp8, choice=self.choice)
+        return OrtSession(bundle.graph(component), prov.session_providers(self.choice, bundle, component), component, info,
+                          graph_optimizations=not fp8, where=str(bundle.root / info.file), choice=self.choice)
 
     def empty(self, shape, dtype):
         if not self._buffers:

@@ -182,7 +182,9 @@ def trt_options(bundle: Bundle, component: str, device_id: int) -> dict[str, str
         "device_id": str(device_id),
         "trt_engine_cache_enable": "True",
         "trt_engine_cache_path": cache,
-        "trt_engine_cache_prefix": component,
+        # The graph's sha256 in the name: a bundle re-exported into this folder never meets the
+        # engines (weights included) compiled from its previous graphs.
+        "trt_engine_cache_prefix": f"{component}_{info.sha256[:16]}",
         "trt_timing_cache_enable": "True",
         "trt_timing_cache_path": cache,
         # An fp32 bundle stays fp32 (its parity with the reference is what was verified); every

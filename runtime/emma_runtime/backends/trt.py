@@ -315,7 +315,7 @@ class TrtBackend:
         if info.engine is None:
             raise BundleError(f"{component}: the bundle has no TensorRT engine for it; build them with "
                               f"emma-export engines --bundle {bundle.root} --target auto")
-        data = bundle.path(info.engine.file).read_bytes()  # its sha256 was checked when the bundle loaded
+        data = bytes(bundle.engine(component))  # hashed from these very bytes
         engine, trt, flavour = self._deserialize(component, data, info.engine.target, info.engine.compute_capability, info.engine.flavour)
         return TrtSession(self, component, engine, trt, flavour, info)
 
