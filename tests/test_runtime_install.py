@@ -15,6 +15,7 @@ import subprocess
 import sys
 import urllib.request
 import venv
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,35 +45,50 @@ def _clean_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def runtime_venv(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("runtime-venv")
-    # Install from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
-    src = tmp / "src"
-    shutil.copytree(ROOT / "runtime", src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
-    env_dir = tmp / "venv"
-    venv.EnvBuilder(with_pip=True, clear=True).create(env_dir)
-    py = env_dir / "bin" / "python"
-    r = subprocess.run([str(py), "-m", "pip", "install", "-q", str(src)], capture_output=True, text=True,
-                       env=_clean_env(), cwd=tmp, timeout=600)
-    if r.returncode != 0:
-        reason = _pypi_unreachable()
-        if reason:
-            pytest.skip(reason)
-        pytest.fail(f"pip install ./runtime failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-    return env_dir
+def _pip(env_dir: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "pip", "--python", str(env_dir / "bin" / "python"), *args]
+
+
+@dataclass(frozen=True)
+class DeviceEnv:
+    venv: Path  # the fresh environment with only the runtime installed
+    bundle: Path  # the shapes bundle, exported by this (toolchain) environment
 
 
 @pytest.fixture(scope="module")
-def shapes_bundle(tmp_path_factory) -> Path:
+def device_env(tmp_path_factory) -> DeviceEnv:
     if not (SHIPPED / "model.safetensors").exists():
         pytest.skip("no shipped checkpoint at checkpoints/shapes")
     from emma_export.export.bundle_writer import export_bundle
     from emma_export.export.source import WeightSource
 
-    out = tmp_path_factory.mktemp("bundles") / "shapes"
-    export_bundle(WeightSource.from_args(None, str(SHIPPED), 0), out, progress=False, tokenizer_file=SHIPPED / "tokenizer.json")
-    return out
+    tmp = tmp_path_factory.mktemp("runtime-venv")
+    # Install from a copy: an in-tree build would leave build/ and *.egg-info in the checkout.
+    src = tmp / "src"
+    shutil.copytree(ROOT / "runtime", src, ignore=shutil.ignore_patterns("__pycache__", "build", "*.egg-info"))
+    env_dir = tmp / "venv"
+    # No pip inside: this environment's pip installs into it (--python), which skips ensurepip's
+    # half a minute; the fresh environment holds only what the runtime brings.
+    venv.EnvBuilder(with_pip=False, clear=True).create(env_dir)
+    log = tmp / "pip.log"
+    with open(log, "w") as out:
+        # The install (mostly downloads) runs while this process exports the bundle.
+        pip = subprocess.Popen(_pip(env_dir, "install", "-q", "--no-compile", str(src)), stdout=out, stderr=subprocess.STDOUT,
+                               env=_clean_env(), cwd=tmp)
+        try:
+            bundle = tmp_path_factory.mktemp("bundles") / "shapes"
+            export_bundle(WeightSource.from_args(None, str(SHIPPED), 0), bundle, progress=False,
+                          tokenizer_file=SHIPPED / "tokenizer.json")
+            rc = pip.wait(timeout=600)
+        finally:
+            if pip.poll() is None:
+                pip.kill()
+    if rc != 0:
+        reason = _pypi_unreachable()
+        if reason:
+            pytest.skip(reason)
+        pytest.fail(f"pip install ./runtime failed:\n{log.read_text()[-4000:]}")
+    return DeviceEnv(env_dir, bundle)
 
 
 @pytest.fixture(scope="module")
@@ -91,12 +107,14 @@ def _run(venv_dir: Path, args: list[str], cwd: Path) -> subprocess.CompletedProc
     return r
 
 
-def test_runtime_installs_without_torch(runtime_venv, tmp_path):
+def test_runtime_installs_without_torch(device_env, tmp_path):
+    runtime_venv = device_env.venv
     py = runtime_venv / "bin" / "python"
-    listing = _run(runtime_venv, [str(py), "-m", "pip", "list", "--format=json"], tmp_path).stdout
+    listing = _run(runtime_venv, _pip(runtime_venv, "list", "--format=json"), tmp_path).stdout
     names = {p["name"].lower() for p in json.loads(listing)}
     assert "emma-runtime" in names
     assert not {n for n in names if n == "torch" or n.startswith("torch-") or n.startswith("nvidia-")}, sorted(names)
+    assert names >= {"numpy", "onnxruntime", "tokenizers", "pillow", "click", "tqdm"}
     assert "emma-deploy" not in names
     probe = ("import sys, emma_runtime, emma_runtime.cli, emma_runtime.api; from emma_runtime import Pipeline, Bundle; "
              "print(emma_runtime.__file__); print('torch' in sys.modules)")
@@ -106,7 +124,8 @@ def test_runtime_installs_without_torch(runtime_venv, tmp_path):
     assert (runtime_venv / "bin" / "emma-run").exists() and not (runtime_venv / "bin" / "emma-export").exists()
 
 
-def test_installed_runtime_matches_the_toolchain(runtime_venv, shapes_bundle, scene_png, tmp_path):
+def test_installed_runtime_matches_the_toolchain(device_env, scene_png, tmp_path):
+    runtime_venv, shapes_bundle = device_env.venv, device_env.bundle
     from emma_runtime import Pipeline
 
     ref = Pipeline.load(shapes_bundle, providers="cpu")
