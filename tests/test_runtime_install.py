@@ -1,6 +1,7 @@
 """The runtime as a device installs it: ``pip install ./runtime`` into a fresh virtual environment
-(no torch may come with it), then understand, generate and edit on the shapes bundle with that
-environment's ``emma-run`` and public API, compared with this (toolchain) environment's results.
+(no torch may come with it); the shapes bundle packed here, unpacked and reported there
+(``emma-run unpack``, ``emma-run info``), then understand, generate and edit with that environment's
+``emma-run`` and public API, compared with this (toolchain) environment's results.
 
 Needs a package index for the runtime's dependencies; it is skipped only when the install fails
 and PyPI cannot be reached.
@@ -133,7 +134,16 @@ def test_installed_runtime_matches_the_toolchain(device_env, scene_png, tmp_path
     want_gen = np.asarray(ref.generate(GEN_PROMPT, 64, 64, seed=3))
     want_edit = np.asarray(ref.edit(scene_png, EDIT_PROMPT, seed=5))
 
+    # The device's way in: one archive, unpacked and checked by the fresh environment, then reported.
+    from emma_runtime.pack import pack_bundle
+
     run = runtime_venv / "bin" / "emma-run"
+    pack_bundle(shapes_bundle, tmp_path / "shapes.tar")
+    device_bundle = tmp_path / "device" / "shapes"
+    _run(runtime_venv, [str(run), "unpack", str(tmp_path / "shapes.tar"), str(device_bundle), "--quiet"], tmp_path)
+    info = json.loads(_run(runtime_venv, [str(run), "info", "--bundle", str(device_bundle), "--json"], tmp_path).stdout)
+    assert info["bundle"]["checksums"] == "verified" and info["verdicts"][0]["way"] == "ort cpu" and info["verdicts"][0]["runnable"]
+    shapes_bundle = device_bundle
     common = ["--bundle", str(shapes_bundle), "--provider", "cpu", "--quiet", "--json"]
     got = json.loads(_run(runtime_venv, [str(run), "understand", *common, "--image", str(scene_png), "--prompt", QUESTION,
                                          "--max-new-tokens", "8"], tmp_path).stdout)
