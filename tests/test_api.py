@@ -47,6 +47,14 @@ def test_public_names_import_lazily():
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
 
 
+def test_every_public_name_resolves():
+    import emma_runtime
+
+    assert sorted(emma_runtime.__all__) == sorted(emma_runtime._LAZY)
+    for name in emma_runtime.__all__:
+        assert getattr(emma_runtime, name) is not None
+
+
 def test_facade_returns_the_engines_results(pipe, picture):
     engine = pipe.engine
     want = engine.understand(str(picture), "what is this?", 6)

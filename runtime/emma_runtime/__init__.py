@@ -24,7 +24,8 @@ _LAZY = {
     "ImageError": ("images", "ImageError"),
 }
 
-__all__ = sorted(_LAZY)
+__all__ = ["Bundle", "BundleError", "ImageError", "ImageInput", "ImageOutput", "Limits", "Pipeline", "RequestError",
+           "UnderstandOutput"]
 
 if TYPE_CHECKING:
     from .api import ImageInput, Pipeline
