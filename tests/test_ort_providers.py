@@ -75,6 +75,11 @@ def test_tensorrt_provider_options_come_from_the_bundle(tiny_bundle):
                                          next(t.shape for t in info.inputs if t.name == "past_keys"))
 
 
+def test_without_explicit_profiles_the_provider_sizes_its_own(tiny_bundle):
+    o = prov.trt_options(Bundle.load(tiny_bundle), "backbone_und", 0, explicit_profiles=False)
+    assert not [k for k in o if k.startswith("trt_profile_")] and o["trt_engine_cache_enable"] == "True"
+
+
 def test_half_precision_bundles_turn_on_fp16(tiny_bundle, tmp_path):
     import dataclasses
 

@@ -204,8 +204,17 @@ class OrtBackend:
         info = bundle.manifest.components[component]
         # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
         fp8 = info.precision == "fp8"
-        return OrtSession(bundle.graph(component), prov.session_providers(self.choice, bundle, component), component, info,
-                          graph_optimizations=not fp8, where=str(bundle.root / info.file), choice=self.choice)
+        graph, where = bundle.graph(component), str(bundle.root / info.file)
+        try:
+            return OrtSession(graph, prov.session_providers(self.choice, bundle, component), component, info,
+                              graph_optimizations=not fp8, where=where, choice=self.choice)
+        except BundleError as e:
+            # A graph TensorRT takes only in part (the rest on CUDA) has inner inputs the manifest's
+            # profile cannot name: the provider then sizes its profiles from the shapes it meets.
+            if prov.TRT not in self.choice.providers or prov.PARTIAL_GRAPH not in str(e):
+                raise
+            return OrtSession(graph, prov.session_providers(self.choice, bundle, component, explicit_profiles=False), component,
+                              info, graph_optimizations=not fp8, where=where, choice=self.choice)
 
     def empty(self, shape, dtype):
         if not self._buffers:

@@ -174,7 +174,7 @@ def trt_cache_dir(bundle: Bundle) -> Path:
     return d
 
 
-def trt_options(bundle: Bundle, component: str, device_id: int) -> dict[str, str]:
+def trt_options(bundle: Bundle, component: str, device_id: int, explicit_profiles: bool = True) -> dict[str, str]:
     info = bundle.manifest.components[component]
     precision = info.precision or bundle.manifest.precision
     cache = str(trt_cache_dir(bundle))
@@ -196,24 +196,29 @@ def trt_options(bundle: Bundle, component: str, device_id: int) -> dict[str, str
     if precision in ("int8", "fp8"):
         # Q/DQ graphs carry their scales: the flag lets TensorRT honour them, no calibration table.
         opts["trt_int8_enable"] = "True"
-    shapes = profile_shapes(info)
+    shapes = profile_shapes(info) if explicit_profiles else None
     if shapes:
         for i, key in enumerate(("trt_profile_min_shapes", "trt_profile_opt_shapes", "trt_profile_max_shapes")):
             opts[key] = ",".join(f"{name}:{s[i]}" for name, s in shapes.items())
     return opts
 
 
-def session_providers(choice: ProviderChoice, bundle: Bundle, component: str) -> list:
+def session_providers(choice: ProviderChoice, bundle: Bundle, component: str, explicit_profiles: bool = True) -> list:
     """The ``providers`` argument of ``InferenceSession``: names with their options."""
     out = []
     for p in choice.providers:
         if p == TRT:
-            out.append((TRT, trt_options(bundle, component, choice.device_id)))
+            out.append((TRT, trt_options(bundle, component, choice.device_id, explicit_profiles)))
         elif p == CUDA:
             out.append((CUDA, {"device_id": str(choice.device_id)}))
         else:
             out.append(p)
     return out
+
+
+#: What the TensorRT provider says when it takes a graph only in part: the inner subgraphs' dynamic
+#: inputs have no profile in the manifest (it names graph inputs only).
+PARTIAL_GRAPH = "dynamic shape inputs"
 
 
 def check_loaded(session: ort.InferenceSession, choice: ProviderChoice, component: str) -> None:
