@@ -80,7 +80,7 @@ def test_engine_verdicts_compare_compute_capability_and_memory(tiny_bundle):
     v = by_way(verdicts(_with_engines(s, "8.9", engine_bytes=2 * GIB), _machine("8.9", free_gb=10)))["trt engines"]
     assert not v.runnable and "needs" in v.reason
     v = by_way(verdicts(_with_engines(s, "8.9", flavour="tensorrt-rtx"), _machine("8.9")))["trt engines"]
-    assert not v.runnable and "tensorrt-rtx" in v.reason
+    assert not v.runnable and "tensorrt-rtx" in v.reason and "emma-runtime[trt-rtx]" in v.reason
     v = by_way(verdicts(dataclasses.replace(s, precision="fp8"), _machine("8.6")))
     assert v["ort cuda"].runnable and not v["ort tensorrt"].runnable and "FP8 tensor cores" in v["ort tensorrt"].reason
     assert by_way(verdicts(dataclasses.replace(s, precision="fp8"), _machine("9.0")))["ort tensorrt"].runnable

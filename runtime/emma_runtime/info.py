@@ -314,7 +314,7 @@ def _engine_verdict(b: BundleSummary, m: Machine, gpu: Gpu | None) -> Verdict:
     flavours = {c.engine.flavour or ("tensorrt-rtx" if c.engine.target.startswith("rtx") else "tensorrt") for c in b.components}
     absent = sorted(f for f in flavours if f not in m.tensorrt)
     if absent:
-        hint = "pip install 'emma-runtime[trt]'" if absent == ["tensorrt"] else "pip install tensorrt-rtx"
+        hint = "pip install " + " ".join(f"'emma-runtime[{'trt' if f == 'tensorrt' else 'trt-rtx'}]'" for f in absent)
         return Verdict(way, False, f"the engines need {', '.join(absent)}, not installed here: {hint}")
     if gpu is None:
         return Verdict(way, False, f"no GPU: {m.gpu_probe}")

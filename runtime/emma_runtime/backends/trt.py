@@ -286,7 +286,8 @@ class TrtBackend:
             except (ImportError, OSError) as e:
                 errors.append(f"{module}: {e}")
         if not found:
-            raise TrtBackendUnavailable(f"{NEEDS}: TensorRT is not installed, pip install 'emma-runtime[trt]' ({'; '.join(errors)})")
+            raise TrtBackendUnavailable(f"{NEEDS}: TensorRT is not installed, pip install 'emma-runtime[trt]' "
+                                        f"(or [trt-rtx] for RTX targets) ({'; '.join(errors)})")
         return found
 
     def _runtime(self, flavour: str):
