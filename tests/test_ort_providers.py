@@ -61,7 +61,7 @@ def test_tensorrt_provider_options_come_from_the_bundle(tiny_bundle):
     o = prov.trt_options(b, "backbone_und", 0)
     sha = b.manifest.components["backbone_und"].sha256
     assert o["trt_engine_cache_enable"] == "True" and o["trt_engine_cache_prefix"] == f"backbone_und_{sha[:16]}"
-    assert Path(o["trt_engine_cache_path"]) == tiny_bundle / prov.TRT_CACHE_DIR == Path(o["trt_timing_cache_path"])
+    assert Path(o["trt_engine_cache_path"]) == tiny_bundle.resolve() / prov.TRT_CACHE_DIR == Path(o["trt_timing_cache_path"])
     assert o["trt_fp16_enable"] == "False"  # an fp32 bundle stays fp32
     info = b.manifest.components["backbone_und"]
     p = {k: tuple(v) for k, v in info.profile.items()}

@@ -161,7 +161,7 @@ def profile_shapes(info: ComponentInfo) -> dict[str, tuple[str, str, str]] | Non
 def trt_cache_dir(bundle: Bundle) -> Path:
     """``<bundle>/ort-trt-cache``, or a per-bundle folder under ~/.cache when the bundle is read-only
     (a bundle installed system-wide on a device)."""
-    d = bundle.root / TRT_CACHE_DIR
+    d = bundle.root.resolve() / TRT_CACHE_DIR
     try:
         d.mkdir(exist_ok=True)
         if os.access(d, os.W_OK):
