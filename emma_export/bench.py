@@ -384,9 +384,9 @@ def _print(rep: BenchReport) -> None:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--bundle", "bundles", multiple=True, required=True, type=click.Path(), help="Bundle(s) to time; the first fixes the config.")
 @click.option("--tasks", default="understand,generate,edit", show_default=True)
-@click.option("--repeat", type=int, default=3, show_default=True)
-@click.option("--steps", type=int, default=None, help="Denoising steps per generation (default: the config's).")
-@click.option("--decode-tokens", type=int, default=16, show_default=True)
+@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--steps", type=click.IntRange(1), default=None, help="Denoising steps per generation (default: the config's).")
+@click.option("--decode-tokens", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="PNG of latency against context length.")
 def main(bundles, tasks, repeat, steps, decode_tokens, json_out, plot_out):

@@ -57,7 +57,7 @@ def info(config_name: str, as_json: bool) -> None:
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, help="Model config (default: tiny, or the checkpoint's).")
 @click.option("--checkpoint", type=click.Path(exists=True), default=None, help="EMMA checkpoint (.safetensors file or folder); random weights if absent.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the random weights.")
 @click.option("--component", "only", multiple=True, help="Export only these components (repeatable).")
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a bundle written by emma-export.")

@@ -8,6 +8,8 @@ import time
 
 import click
 
+from emma_runtime.cli_support import Finite
+
 from .cli import main
 from .config import CONFIGS, get_config
 from .targets import PRECISIONS, TargetError, list_targets, load_target
@@ -30,8 +32,8 @@ def _gib(n: float) -> str:
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="emma-4b", show_default=True)
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), required=True)
 @click.option("--target", "target_name", required=True, help=f"One of {', '.join(_target_names())}.")
-@click.option("--context", type=int, default=None, help="Tokens per sequence the KV cache holds (default: the config's max_context).")
-@click.option("--image", type=int, default=None, help="Image side in pixels (default: the config's image size).")
+@click.option("--context", type=click.IntRange(1), default=None, help="Tokens per sequence the KV cache holds (default: the config's max_context).")
+@click.option("--image", type=click.IntRange(1), default=None, help="Image side in pixels (default: the config's image size).")
 @click.option("--cfg-mode", type=click.Choice(["batch", "sequential"]), default="batch", show_default=True,
               help="How the runtime runs classifier-free guidance (batch keeps a stacked copy of the prefix caches).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
@@ -76,7 +78,7 @@ def plan(config_name, precision, target_name, context, image, cfg_mode, as_json)
 @click.option("--opt-level", type=click.IntRange(0, 5), default=3, show_default=True, help="Builder optimization level.")
 @click.option("--timing-cache", type=click.Path(dir_okay=False), default=None,
               help="Timing cache file (full TensorRT only; default: one per target under ~/.cache/emma-deploy).")
-@click.option("--workspace-gb", type=float, default=None, help="Builder workspace limit.")
+@click.option("--workspace-gb", type=Finite(), default=None, help="Builder workspace limit.")
 def engines(bundle_dir, target_name, only, opt_level, timing_cache, workspace_gb):
     """Build a TensorRT (or TensorRT-RTX) engine per component of an existing bundle for a target."""
     from emma_runtime.bundle import BundleError

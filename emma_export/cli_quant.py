@@ -59,7 +59,7 @@ def _run_build(**kw) -> None:
 @_precision
 @_target
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the random weights.")
 @_recipe
 @_calib
 @_samples
@@ -107,7 +107,7 @@ def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration
 @main.command()
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None)
 @click.option("--checkpoint", type=click.Path(exists=True), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @_recipe
 @click.option("--out", required=True, type=click.Path(), help="Folder for <component>.npz calibration feeds.")
 def calibrate(config_name, checkpoint, seed, recipe, out):

@@ -6,31 +6,33 @@ import sys
 
 import click
 
+from emma_runtime.cli_support import Finite
+
 from .cli import _fail, main
 
 
 @main.command("train-shapes")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for model.safetensors (fp16), tokenizer.json, config.json, train.json.")
-@click.option("--minutes", type=float, default=15.0, show_default=True, help="Time budget, split between the autoencoder and the joint stage.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--ae-share", type=float, default=0.35, show_default=True, help="Fraction of the budget for the autoencoder.")
-@click.option("--ae-steps", type=int, default=None, help="Fixed autoencoder steps instead of a time budget (repeatable runs).")
-@click.option("--steps", type=int, default=None, help="Fixed joint steps instead of a time budget (repeatable runs).")
-@click.option("--dec-share", type=float, default=0.0, show_default=True, help="Fraction of the budget for a decoder-only fine-tune at the end (encoder frozen).")
+@click.option("--minutes", type=Finite(), default=15.0, show_default=True, help="Time budget, split between the autoencoder and the joint stage.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
+@click.option("--ae-share", type=Finite(), default=0.35, show_default=True, help="Fraction of the budget for the autoencoder.")
+@click.option("--ae-steps", type=click.IntRange(1), default=None, help="Fixed autoencoder steps instead of a time budget (repeatable runs).")
+@click.option("--steps", type=click.IntRange(1), default=None, help="Fixed joint steps instead of a time budget (repeatable runs).")
+@click.option("--dec-share", type=Finite(), default=0.0, show_default=True, help="Fraction of the budget for a decoder-only fine-tune at the end (encoder frozen).")
 @click.option("--decoder-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Only fine-tune the autoencoder's decoder of this trained checkpoint for --minutes (every other weight, "
                    "and so every latent, stays as it is) and write the result to --out.")
-@click.option("--dec-latent-noise", type=float, default=0.0, show_default=True,
+@click.option("--dec-latent-noise", type=Finite(), default=0.0, show_default=True,
               help="Decoder stage: train on z + this * std_c(z) noise, for latents a sampler lands slightly off.")
 @click.option("--joint-from", type=click.Path(exists=True, file_okay=False), default=None,
               help="Continue the joint stage of this trained checkpoint for --minutes (or --steps), the autoencoder "
                    "frozen, and write the result to --out.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate of the joint stage (default: 1.5e-3; lower it for --joint-from).")
+@click.option("--lr", type=Finite(), default=None, help="Peak learning rate of the joint stage (default: 1.5e-3; lower it for --joint-from).")
 @click.option("--batch", "batch", type=(int, int, int), default=None, metavar="UND GEN EDIT",
               help="Rows per joint step for understanding, generation and editing (default: 24 20 20).")
-@click.option("--average", type=float, default=0.0, show_default=True,
+@click.option("--average", type=Finite(), default=0.0, show_default=True,
               help="With --joint-from: save the exponential moving average of the weights at this decay (e.g. 0.999).")
-@click.option("--threads", type=int, default=2, show_default=True, help="torch intra-op threads.")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="torch intra-op threads.")
 @click.option("--quiet", is_flag=True, help="No progress bars; log lines instead.")
 def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, dec_latent_noise, decoder_from, joint_from, lr, batch, average, threads, quiet):
     """Train the `shapes` EMMA on the generated world: autoencoder, then understanding,
@@ -90,12 +92,12 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, dec_l
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path(exists=True, file_okay=False))
 @click.option("--reference", is_flag=True, help="Also run the PyTorch reference on the bundle's source checkpoint.")
 @click.option("--checkpoint", type=click.Path(exists=True), default=None, help="Reference weights (default: the manifest's source checkpoint).")
-@click.option("--n", "n", type=int, default=100, show_default=True, help="Held-out scenes.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--n", "n", type=click.IntRange(1), default=100, show_default=True, help="Held-out scenes.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--split", type=click.Choice(["heldout", "val"]), default="heldout", show_default=True,
               help="val: scenes of the training distribution, to separate generalisation from learning.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Write the full results as JSON.")
-@click.option("--threads", type=int, default=2, show_default=True, help="torch threads for the reference.")
+@click.option("--threads", type=click.IntRange(1), default=2, show_default=True, help="torch threads for the reference.")
 @click.option("--quiet", is_flag=True)
 def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, split, json_out, threads, quiet):
     """Held-out shapes-world suite: understanding, generation, editing, autoencoder PSNR."""
@@ -122,7 +124,7 @@ def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, split, json_out, th
 @main.command("world")
 @click.option("--split", type=click.Choice(["train", "val", "heldout"]), default="heldout", show_default=True)
 @click.option("--index", type=click.IntRange(min=0), default=0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="PNG of the scene; each edit's target is written beside it as <stem>.edit<k>.png.")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="Caption, questions and answers, edit instructions.")
 def world_cmd(split, index, seed, out, json_out):

@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from emma_runtime import names
+
 from .config import EMMAConfig
 from .model.backbone import GEN, UND
 
@@ -127,7 +129,7 @@ class _ImageComponent(Component):
 
 
 class AEEncoder(_ImageComponent):
-    name = "ae_encoder"
+    name = names.AE_ENCODER
 
     def uses(self, key):
         return key.startswith("ae.encoder.")
@@ -143,7 +145,7 @@ class AEEncoder(_ImageComponent):
 
 
 class AEDecoder(_ImageComponent):
-    name = "ae_decoder"
+    name = names.AE_DECODER
 
     def uses(self, key):
         return key.startswith("ae.decoder.")
@@ -159,7 +161,7 @@ class AEDecoder(_ImageComponent):
 
 
 class UndTrunk(_ImageComponent):
-    name = "und_trunk"
+    name = names.UND_TRUNK
 
     def uses(self, key):
         return key.startswith("vision.trunk.")
@@ -180,7 +182,7 @@ class UndTrunk(_ImageComponent):
 class UndExpert(_ImageComponent):
     def __init__(self, index: int):
         self.index = index
-        self.name = f"und_expert_{index}"
+        self.name = names.expert(index)
 
     def uses(self, key):
         return key.startswith(f"vision.experts.{self.index}.")
@@ -197,7 +199,7 @@ class UndExpert(_ImageComponent):
 
 
 class UndAdapter(_ImageComponent):
-    name = "und_adapter"
+    name = names.UND_ADAPTER
 
     def uses(self, key):
         return key.startswith("und_adapter.")
@@ -216,7 +218,7 @@ class UndAdapter(_ImageComponent):
 
 
 class GenAdapter(UndAdapter):
-    name = "gen_adapter"
+    name = names.GEN_ADAPTER
 
     def uses(self, key):
         return key.startswith("gen_adapter.")
@@ -253,7 +255,7 @@ class _SeqComponent(Component):
 
 
 class EmbedTokens(_SeqComponent):
-    name = "embed_tokens"
+    name = names.EMBED_TOKENS
 
     def uses(self, key):
         return key.startswith("llm.embed_tokens.")
@@ -269,7 +271,7 @@ class EmbedTokens(_SeqComponent):
 
 
 class LMHead(_SeqComponent):
-    name = "lm_head"
+    name = names.LM_HEAD
 
     def uses(self, key):
         return key.startswith(("lm_head.", "llm.embed_tokens."))
@@ -285,7 +287,7 @@ class LMHead(_SeqComponent):
 
 
 class GenHead(LMHead):
-    name = "gen_head"
+    name = names.GEN_HEAD
 
     def uses(self, key):
         return key.startswith("gen_head.")
@@ -302,7 +304,7 @@ class Backbone(_SeqComponent):
 
     def __init__(self, branch: int):
         self.branch = branch
-        self.name = "backbone_und" if branch == UND else "backbone_gen"
+        self.name = names.backbone("und" if branch == UND else "gen")
 
     def uses(self, key):
         other = ".gen." if self.branch == UND else ".und."

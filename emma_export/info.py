@@ -6,6 +6,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from emma_runtime import names
+
 from .config import EMMAConfig
 from .model.emma import EMMA
 
@@ -42,7 +44,7 @@ def model_info(cfg: EMMAConfig) -> ModelInfo:
         "ae_encoder": _count(m.ae.encoder),
         "ae_decoder": _count(m.ae.decoder),
         "und_trunk": _count(m.vision.trunk),
-        **{f"und_expert_{i}": _count(e) for i, e in enumerate(m.vision.experts)},
+        **{names.expert(i): _count(e) for i, e in enumerate(m.vision.experts)},
         "und_adapter": _count(m.und_adapter),
         "gen_adapter": _count(m.gen_adapter),
         "embed_tokens": embed,

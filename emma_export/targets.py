@@ -23,18 +23,9 @@ from typing import Literal
 Flavour = Literal["ort", "tensorrt", "tensorrt-rtx"]
 FLAVOURS: tuple[str, ...] = ("ort", "tensorrt", "tensorrt-rtx")
 
-#: every precision the toolchain knows, widest first
-PRECISIONS: tuple[str, ...] = ("fp32", "fp16", "bf16", "int8", "fp8", "int4w")
-
-#: the oldest compute capability whose tensor cores run a precision (GPU targets)
-MIN_COMPUTE_CAPABILITY: dict[str, tuple[int, int]] = {"fp8": (8, 9), "bf16": (8, 0), "int4w": (8, 0)}
-
-#: other spellings of a precision (bundle manifests, the quantizer's modes)
-PRECISION_ALIASES = {"float32": "fp32", "float16": "fp16", "half": "fp16", "bfloat16": "bf16", "int4": "int4w", "int4_awq": "int4w"}
-
-
-def normalize_precision(precision: str) -> str:
-    return PRECISION_ALIASES.get(precision, precision)
+from .precision import ALIASES as PRECISION_ALIASES  # noqa: F401 - the names targets have always offered
+from .precision import MIN_COMPUTE_CAPABILITY, PRECISIONS
+from .precision import normalize as normalize_precision
 
 
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")

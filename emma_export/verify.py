@@ -14,25 +14,13 @@ from emma_runtime.bundle import Bundle, BundleError
 from .components import all_components
 from .config import EMMAConfig
 
-# rel L2 tolerance per precision (issue #3: fp32 at most 1e-4). Worst component measured on tiny
-# (issue #9; int8/fp8/int4w on held-out real feeds; cpu target unless noted): fp32 1.2e-6; fp16
-# 1.1e-3 (und_trunk); bf16 6.4e-3 (und_trunk, bf16 weights); int8 0.079 (ae_decoder); fp8 0.10, 0.11
-# on rtx-ada (und_trunk: E4M3 keeps 3 mantissa bits, ~2.5% RMS per quantized tensor, compounding over
-# the ViT's GEMMs; backbone 0.085-0.095); int4w 0.16 (backbone_und, weight-only, block 16).
-# fp16 and bf16 keep their issue #3 values (the torch-dtype exports of `export --dtype` share them).
-TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "bf16": 4e-2, "int8": 1e-1, "fp8": 1.5e-1, "int4w": 2.5e-1}
-# Per-component overrides (precision -> component -> rel L2), where a component's measured error
-# differs from its precision's default for a structural reason (see quantize/policy.py).
-COMPONENT_TOLERANCE: dict[str, dict[str, float]] = {}
-# Calibrated precisions are checked on held-out REAL feeds (the reference pipelines on images and
-# prompts never calibrated on): random feeds fall outside the calibrated ranges and measure clipping,
-# not the graph.
-REAL_FEED_PRECISIONS = ("int8", "fp8", "int4w")
+# tolerances per precision live with the precision (precision.py)
+from .precision import BY_NAME
+from .precision import QUANTIZED as REAL_FEED_PRECISIONS  # calibrated: checked on held-out real feeds
+from .precision import TOLERANCE, tolerance_for
+
+COMPONENT_TOLERANCE = {p.name: p.component_tolerance for p in BY_NAME.values()}
 NP_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "int32": np.int32}
-
-
-def tolerance_for(component: str, precision: str) -> float:
-    return COMPONENT_TOLERANCE.get(precision, {}).get(component, TOLERANCE.get(precision, 1e-1))
 
 
 @dataclass

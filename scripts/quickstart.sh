@@ -19,9 +19,9 @@ echo "--- understand"
 emma-run understand --bundle out/bundle-shapes --image out/scene.png --prompt "what colour is the triangle?" --quiet
 emma-run understand --bundle out/bundle-shapes --image out/scene.png --prompt "where is the triangle?" --quiet
 echo "--- generate: a small yellow square right of a large white circle"
-emma-run generate --bundle out/bundle-shapes --prompt "a small yellow square right of a large white circle" --out out/generated.png --seed 0 --quiet
+emma-run generate --bundle out/bundle-shapes --prompt "a small yellow square right of a large white circle" --out out/generated.png --overwrite --seed 0 --quiet
 echo "--- edit: make the square red"
-emma-run edit --bundle out/bundle-shapes --image out/scene.png --prompt "make the square red" --out out/edited.png --seed 0 --quiet
+emma-run edit --bundle out/bundle-shapes --image out/scene.png --prompt "make the square red" --out out/edited.png --overwrite --seed 0 --quiet
 python - <<'PY'
 # 64x64 images are hard to see: one sheet, 4x nearest-neighbour, what the detector reads under each.
 import numpy as np

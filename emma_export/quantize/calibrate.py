@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from emma_runtime import names
+
 from ..components import all_components
 from ..config import EMMAConfig
 
@@ -141,7 +143,7 @@ class Capture:
         pre = lambda mod, fn: handles.append(mod.register_forward_pre_hook(fn))
         pre(m.vision.trunk, lambda _m, a: self.add("und_trunk", {"pixel_values": _np(a[0])}))
         for i, ex in enumerate(m.vision.experts):
-            pre(ex, lambda _m, a, i=i: self.add(f"und_expert_{i}", {"trunk_hidden": _np(a[0])}))
+            pre(ex, lambda _m, a, i=i: self.add(names.expert(i), {"trunk_hidden": _np(a[0])}))
         pre(m.und_adapter, lambda _m, a: self.add("und_adapter", {"und_features": _np(a[0]), "latents": _np(a[1])}))
         pre(m.gen_adapter, lambda _m, a: self.add("gen_adapter", {"und_features": _np(a[0]), "latents": _np(a[1]), "timestep": _np(a[2])}))
         pre(m.llm.embed_tokens, lambda _m, a: self.add("embed_tokens", {"input_ids": _np(a[0])}))

@@ -49,8 +49,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4w")
-QUANTIZED = ("int8", "fp8", "int4w")  # calibrated on real data; verified on held-out real feeds
+from emma_runtime import names
+
+from ..precision import PRECISIONS, QUANTIZED  # noqa: F401 - re-exported for the quantizer's callers
 
 # node-name patterns (regular expressions, re.search) of the exported graphs
 _NORMS = (r"norm",)
@@ -141,7 +142,7 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
     if c == "embed_tokens":
         return high("a Gather: nothing to quantize")
     if precision == "int4w":
-        if c in ("backbone_und", "backbone_gen"):
+        if c in names.BACKBONES:
             # 128 (the usual AWQ block) for real widths; tiny's 64-wide layers get 16 (measured on tiny:
             # backbone_und rel L2 0.24 at 32, 0.16 at 16; AWQ finds little to protect in random weights)
             bs = 128 if cfg is None else max(16, min(128, cfg.llm.hidden_size // 4))
@@ -180,12 +181,12 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
             # autoencoder 1.48 dB of held-out PSNR (n=400, encoder alone in fp8, 38.3 dB decoder).
             last = len(cfg.ae.encoder_block_out_channels) - 1 if cfg is not None else None
             exclude = exclude + (r"/encoder/conv_out/",) + ((rf"/encoder/down_blocks\.{last}/",) if last is not None else ())
-    if precision == "int8" and c in ("und_trunk", "und_expert_0", "und_expert_1", "backbone_und", "backbone_gen"):
+    if precision == "int8" and (c in (names.UND_TRUNK, *names.BACKBONES) or names.is_expert(c)):
         # INT8 attention GEMMs (scores, P.V): TensorRT has no INT8 fused attention to gain from, and
         # ONNX Runtime's fused integer kernels return garbage on them when the KV cache is empty
         # (backbone rel L2 1e35 on a first chunk).
         exclude = exclude + _ATTN_BMM
-    if precision == "int8" and c in ("backbone_und", "backbone_gen"):
+    if precision == "int8" and c in names.BACKBONES:
         # The SwiGLU down projections' inputs (silu(gate) * up) carry the outliers: on trained shapes
         # checkpoints INT8 missed the tolerance with them quantized (backbone_gen rel L2 0.11 on one,
         # backbone_und 0.106 on the next; 0.026 / 0.021 without).

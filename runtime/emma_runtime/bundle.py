@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import names
 from .paths import UnsafePathError, check_name, confined, read_regular, sha256_bytes
 
 FORMAT_VERSION = 1
@@ -25,6 +26,8 @@ MAX_FILE_BYTES = 1 << 40  # no bundle file is hashed past 1 TiB (a sparse or run
 DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "int8", "uint8")
 _MAX_DIM = (1 << 31) - 1
 _SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+# a symbolic dimension: a name, or the expression shape inference leaves ("floor(height/2)")
+_DIM_EXPR = re.compile(r"^[A-Za-z_][A-Za-z0-9_+\-*/%() .,]{0,255}$")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -118,7 +121,7 @@ class TensorInfo:
         name = f.str("name")
         shape = f.list("shape")
         for x in shape:
-            sym = isinstance(x, str) and _SYMBOL.match(x)
+            sym = isinstance(x, str) and _DIM_EXPR.match(x)
             dim = isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= _MAX_DIM
             if not (sym or dim):
                 raise BundleError(f"{where}.shape: {x!r} is neither a dimension in [0, {_MAX_DIM}] nor a symbol")
@@ -352,10 +355,7 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-REQUIRED_COMPONENTS = (
-    "ae_encoder", "ae_decoder", "und_trunk", "und_adapter", "gen_adapter", "embed_tokens",
-    "backbone_und", "backbone_gen", "lm_head", "gen_head",
-)
+REQUIRED_COMPONENTS = names.FIXED
 
 
 @dataclass(frozen=True)
@@ -437,8 +437,7 @@ class Bundle:
         except UnsafePathError as e:
             raise BundleError(f"{e} (not an EMMA bundle)" if "missing" in str(e) else str(e)) from None
         manifest = Manifest.from_json(bytes(text), str(root / MANIFEST))
-        need = list(REQUIRED_COMPONENTS) + [f"und_expert_{i}" for i in range(manifest.model.num_experts)]
-        for name in need:
+        for name in names.required(manifest.model.num_experts):
             if name not in manifest.components:
                 raise BundleError(f"{root / MANIFEST}: component '{name}' is missing")
         bundle = cls(root, manifest)
