@@ -25,6 +25,7 @@ from pathlib import Path
 
 import click
 
+from . import names
 from .bundle import Bundle, BundleError
 
 MIB, GIB = 2**20, 2**30
@@ -146,7 +147,7 @@ def summarize_bundle(path: str | Path) -> BundleSummary:
             eng = EngineRow(e.file, _size(root, e.file), e.target, e.compute_capability, e.flavour)
         rows.append(ComponentRow(name, c.precision, _size(root, c.file) + sum(_size(root, f) for f, _ in c.data_files), eng))
     files = m.files()
-    kv = m.components["backbone_und"].tensor("new_keys")
+    kv = m.components[names.BACKBONE_UND].tensor("new_keys")
     import numpy as np
 
     from .backends.ort_providers import TRT_CACHE_DIR
