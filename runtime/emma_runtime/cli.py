@@ -34,10 +34,11 @@ def _image_out(f):
 
 
 def _pipeline(bundle, backend, provider, quiet):
-    from .pipelines import Pipeline
+    """The public API's Pipeline: the CLI is a thin layer over what a Python user calls."""
+    from .api import Pipeline
 
     try:
-        return Pipeline.load(bundle, backend=backend, provider=provider, quiet=quiet)
+        return Pipeline.load(bundle, backend=backend, providers=provider, progress=not quiet)
     except (ValueError, ImportError, RuntimeError) as e:  # BundleError is a ValueError; a missing backend
         fail(str(e))
 
@@ -60,7 +61,7 @@ def understand(bundle, backend, provider, seed, as_json, quiet, image, prompt, m
     _L.prompt(prompt)
     check_input(image)
     p = _pipeline(bundle, backend, provider, quiet)
-    r = p.understand(image, prompt, max_new_tokens, temperature, top_p, seed)
+    r = p.understand_result(image, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     if as_json:
         click.echo(json.dumps({"text": r.text, "token_ids": r.token_ids, "expert": r.expert,
                                "visual_tokens": r.visual_tokens, "timings": r.timings}))
@@ -82,7 +83,7 @@ def generate(bundle, backend, provider, seed, as_json, quiet, prompt, out, heigh
     _L.prompt(prompt)
     check_output(out, overwrite)  # before the work, not after it
     p = _pipeline(bundle, backend, provider, quiet)
-    r = p.generate(prompt, height, width, steps, cfg, shift, seed)
+    r = p.generate_result(prompt, width, height, seed, steps=steps, cfg=cfg, shift=shift)
     save_png(r.image, out)
     _report_image(r, out, as_json)
 
@@ -101,7 +102,7 @@ def edit(bundle, backend, provider, seed, as_json, quiet, image, prompt, out, st
     check_input(image)
     check_output(out, overwrite)
     p = _pipeline(bundle, backend, provider, quiet)
-    r = p.edit(image, prompt, steps, cfg_text, cfg_image, shift, seed)
+    r = p.edit_result(image, prompt, seed, steps=steps, cfg_text=cfg_text, cfg_image=cfg_image, shift=shift)
     save_png(r.image, out)
     _report_image(r, out, as_json)
 
