@@ -9,9 +9,10 @@ from pathlib import Path
 
 import click
 
-from .cli import _fail, main
-from .config import CONFIGS
-from .quantize.policy import PRECISIONS
+from .app import fail as _fail
+from .app import main
+from ..config import CONFIGS
+from ..quantize.policy import PRECISIONS
 
 _precision = click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp8", show_default=True)
 _target = click.option("--target", "target", default="cpu", show_default=True, help="Deployment target (engines/targets/*.json, or auto).")
@@ -33,8 +34,8 @@ _task_eval = click.option(
 
 
 def _run_build(**kw) -> None:
-    from .build import BuildError, build, print_report
-    from .targets import TargetError
+    from ..build import BuildError, build, print_report
+    from ..targets import TargetError
 
     t0 = time.perf_counter()
     json_out = kw.pop("json_out", None)
@@ -113,9 +114,9 @@ def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration
 def calibrate(config_name, checkpoint, seed, recipe, out):
     """Run the reference pipelines on calibration/ (prompts, scikit-image photographs) and save every
     component's inputs, in its graph's IO layout, as <component>.npz."""
-    from .export.source import WeightSource
-    from .quantize.calibrate import capture, check_complete, save
-    from .tokenizer import byte_level_tokenizer
+    from ..export.source import WeightSource
+    from ..quantize.calibrate import capture, check_complete, save
+    from ..tokenizer import byte_level_tokenizer
 
     try:
         src = WeightSource.from_args(config_name, checkpoint, seed)

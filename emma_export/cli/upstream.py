@@ -13,8 +13,9 @@ from pathlib import Path
 
 import click
 
-from .cli import _fail, main
-from .config import CONFIGS
+from .app import fail as _fail
+from .app import gib, main
+from ..config import CONFIGS
 
 _DIR = click.Path(exists=True, file_okay=False, dir_okay=True)
 
@@ -25,10 +26,6 @@ def _size(text: str) -> int:
         raise click.BadParameter(f"{text!r} is not a size like 2GB, 500MB or 123456")
     unit = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}[m.group(2).upper()]
     return int(float(m.group(1)) * unit)
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
 
 
 @main.command("init")
@@ -44,9 +41,9 @@ def _gib(n: int) -> str:
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the init report as JSON.")
 def init_cmd(llm_dir, vision_dir, ae_dir, config_name, out, seed, dtype, shard_size, overwrite, json_out):
     """Write an EMMA checkpoint initialised from upstream Qwen3, SigLIP and DC-AE checkpoints."""
-    from .init_checkpoint import init_checkpoint
-    from .weights.keymap import KeyMapError
-    from .weights.upstream import UpstreamError
+    from ..init_checkpoint import init_checkpoint
+    from ..weights.keymap import KeyMapError
+    from ..weights.upstream import UpstreamError
 
     try:
         rep = init_checkpoint(
@@ -64,8 +61,8 @@ def init_cmd(llm_dir, vision_dir, ae_dir, config_name, out, seed, dtype, shard_s
     click.echo(f"  {rep.lm_head}")
     for w in rep.tokenizer_warnings:
         click.echo(f"warning: {w}", err=True)
-    click.echo(f"wrote {rep.out}: {rep.tensors} tensors, {_gib(rep.bytes)} in {len(rep.shards)} shard(s), "
-               f"{rep.seconds:.1f} s, peak RSS {_gib(rep.peak_rss_bytes)}")
+    click.echo(f"wrote {rep.out}: {rep.tensors} tensors, {gib(rep.bytes)} GiB in {len(rep.shards)} shard(s), "
+               f"{rep.seconds:.1f} s, peak RSS {gib(rep.peak_rss_bytes)} GiB")
     if json_out:
         Path(json_out).write_text(json.dumps(rep.to_dict(), indent=2))
 
@@ -83,10 +80,10 @@ def conformance_cmd(llm_dir, vision_dir, ae_dir, checkpoint, config_name, seed, 
     from rich.console import Console
     from rich.table import Table
 
-    from .conformance import run_conformance
-    from .weights.checkpoint import CheckpointError
-    from .weights.keymap import KeyMapError
-    from .weights.upstream import UpstreamError
+    from ..conformance import run_conformance
+    from ..weights.checkpoint import CheckpointError
+    from ..weights.keymap import KeyMapError
+    from ..weights.upstream import UpstreamError
 
     try:
         rep = run_conformance(llm_dir, vision_dir, ae_dir, checkpoint=checkpoint, config_name=config_name, seed=seed)

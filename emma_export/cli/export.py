@@ -1,0 +1,46 @@
+"""`emma-export export`: every component to ONNX, one bundle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from emma_runtime.cli_support import Finite  # noqa: F401
+
+from ..config import CONFIGS, get_config  # noqa: F401
+from .app import fail as _fail  # noqa: F401
+from .app import main
+
+
+@main.command("export")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, help="Model config (default: tiny, or the checkpoint's).")
+@click.option("--checkpoint", type=click.Path(exists=True), default=None, help="EMMA checkpoint (.safetensors file or folder); random weights if absent.")
+@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the random weights.")
+@click.option("--component", "only", multiple=True, help="Export only these components (repeatable).")
+@click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a bundle written by emma-export.")
+@click.option("--quiet", is_flag=True)
+def export_cmd(config_name, checkpoint, dtype, seed, only, out, overwrite, quiet):
+    """Export every EMMA component to ONNX and write a bundle with manifest.json."""
+    import time
+    from pathlib import Path
+
+    from ..components import all_components
+    from ..export.bundle_writer import export_bundle
+    from ..export.out_dir import check_out
+    from ..export.source import WeightSource
+
+    check_out(out, "bundle", overwrite)  # before any work
+    src = WeightSource.from_args(config_name, checkpoint, seed)
+    comps = all_components(src.cfg)
+    if only:
+        unknown = set(only) - {c.name for c in comps}
+        if unknown:
+            _fail(f"unknown component(s) {sorted(unknown)}; choose from {[c.name for c in comps]}")
+        comps = [c for c in comps if c.name in only]
+    t0 = time.perf_counter()
+    rep = export_bundle(src, out, dtype=dtype, components=comps, progress=not quiet, overwrite=overwrite)
+    click.echo(f"wrote {rep.out} ({len(comps)} components, {dtype}) in {time.perf_counter() - t0:.1f} s")

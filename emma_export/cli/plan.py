@@ -1,0 +1,66 @@
+"""`emma-export plan`: memory plans (weights, KV cache, activations) against a target."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from emma_runtime.cli_support import Finite  # noqa: F401
+
+from ..config import CONFIGS, get_config  # noqa: F401
+from ..targets import PRECISIONS, TargetError, list_targets, load_target  # noqa: F401
+from .app import fail as _fail  # noqa: F401
+from .app import gib, main  # noqa: F401
+
+
+def _target_names() -> list[str]:
+    return list_targets() + ["auto"]
+
+
+
+
+
+
+@main.command()
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default="emma-4b", show_default=True)
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), required=True)
+@click.option("--target", "target_name", required=True, help=f"One of {', '.join(_target_names())}.")
+@click.option("--context", type=click.IntRange(1), default=None, help="Tokens per sequence the KV cache holds (default: the config's max_context).")
+@click.option("--image", type=click.IntRange(1), default=None, help="Image side in pixels (default: the config's image size).")
+@click.option("--cfg-mode", type=click.Choice(["batch", "sequential"]), default="batch", show_default=True,
+              help="How the runtime runs classifier-free guidance (batch keeps a stacked copy of the prefix caches).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def plan(config_name, precision, target_name, context, image, cfg_mode, as_json):
+    """Memory plan: weights per component, KV cache, activations, and the fit on each memory variant."""
+    from ..plan import plan_memory
+
+    try:
+        target = load_target(target_name)
+        p = plan_memory(get_config(config_name), precision, target, context=context, image=image, cfg_mode=cfg_mode)
+    except (TargetError, ValueError) as e:
+        _fail(str(e))
+    if as_json:
+        click.echo(json.dumps(p.to_dict(), indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"EMMA {p.config} at {p.precision} on {p.target}: memory (GiB)")
+    t.add_column("item")
+    t.add_column("parameters", justify="right")
+    t.add_column("GiB", justify="right")
+    for k, b in p.weights.items():
+        t.add_row(k, f"{p.parameters[k]:,}", gib(b))
+    t.add_row("[bold]weights", f"{sum(p.parameters.values()):,}", f"[bold]{gib(p.weights_total)}")
+    t.add_row(f"KV cache ({p.context} tokens, {p.cfg_mode} guidance)", "", gib(p.kv_cache))
+    phase = max(p.activations, key=p.activations.get)
+    t.add_row(f"activations (peak: {phase})", "", gib(p.activation_peak))
+    t.add_row("[bold]total", "", f"[bold]{gib(p.total)}")
+    con = Console()
+    con.print(t)
+    click.echo(f"policy: {p.policy}")
+    for v in p.variants:
+        verdict = f"fits ({v.headroom_gb:.1f} GiB spare)" if v.fits else f"does NOT fit: {v.advice}"
+        click.echo(f"{v.memory_gb:g} GB ({v.usable_gb:g} usable): {verdict}")
