@@ -117,9 +117,11 @@ def _report_image(r, out, as_json):
 
 from .cli_unpack import unpack_command  # noqa: E402  (device-side commands, one module each)
 from .info import info_command  # noqa: E402
+from .serve.command import serve  # noqa: E402  (FastAPI, uvicorn and Ray load only when it runs)
 
 main.add_command(info_command)
 main.add_command(unpack_command)
+main.add_command(serve)
 
 if __name__ == "__main__":
     main()

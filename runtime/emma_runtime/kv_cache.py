@@ -71,3 +71,47 @@ class KVCache:
             valid[i, : c.length] = c.valid[0, : c.length]
         lengths = np.array([c.length for c in caches], dtype=np.int64)
         return cls(b, b.from_host(k), b.from_host(v), valid, P, lengths)
+
+    # ---- continuous batching (emma_runtime.serve): rows join and leave between steps -----------------
+    def commit_rows(self, valid: np.ndarray) -> None:
+        """Commits a right-padded chunk: ``valid`` (batch, n) says which of its slots are real, and each
+        row's position advances by its own count of real tokens (``commit`` advances every row by n)."""
+        n = valid.shape[1]
+        self.valid[:, self.length : self.length + n] = valid
+        self.length += n
+        self.positions = self.positions + valid.sum(axis=1).astype(np.int64)
+
+    def real_lengths(self) -> np.ndarray:
+        return self.valid[:, : self.length].sum(axis=1)
+
+    @classmethod
+    def gather(cls, rows: list[tuple["KVCache", int]], extra: int) -> "KVCache":
+        """One new cache holding the given (cache, row) pairs in order, each row's real slots moved to
+        the front (right-padded to the longest), with room for ``extra`` more slots.
+
+        The decode batch is rebuilt with it when requests join or leave: padding that earlier members
+        left (a short prompt next to a long one, a row that stopped) is squeezed out, so the batch's
+        length is its longest row's real length and never grows past the model's context. Copies each
+        row's keys/values once through the host (a view for numpy arrays)."""
+        b = rows[0][0].backend
+        hosts = {id(c): (b.to_host(c.keys), b.to_host(c.values)) for c, _ in rows}
+        lengths = [int(c.valid[r, : c.length].sum()) for c, r in rows]
+        P = max(lengths)
+        k0 = hosts[id(rows[0][0])][0]
+        shape = (P + extra, k0.shape[1], len(rows)) + tuple(k0.shape[3:])
+        k = np.zeros(shape, dtype=k0.dtype)
+        v = np.zeros(shape, dtype=k0.dtype)
+        valid = np.zeros((len(rows), P + extra), dtype=bool)
+        positions = np.zeros(len(rows), dtype=np.int64)
+        for i, (c, r) in enumerate(rows):
+            ck, cv = hosts[id(c)]
+            keep = np.flatnonzero(c.valid[r, : c.length])
+            if len(keep) == c.length:  # no padding: one contiguous copy
+                k[: c.length, :, i] = ck[: c.length, :, r]
+                v[: c.length, :, i] = cv[: c.length, :, r]
+            else:
+                k[: len(keep), :, i] = ck[keep, :, r]
+                v[: len(keep), :, i] = cv[keep, :, r]
+            valid[i, : len(keep)] = True
+            positions[i] = c.positions[r]
+        return cls(b, b.from_host(k), b.from_host(v), valid, P, positions)

@@ -322,3 +322,112 @@ class Pipeline:
         t3 = time.perf_counter()
         return ImageOutput(out, lat, info["visual_tokens"] + h * w,
                            {"prefill_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / steps, "decode_s": t3 - t2})
+
+    # ---- batched steps across requests (emma_runtime.serve's scheduler) --------------------------
+    # Each method runs several requests' work as one batch on the same graphs the single-request
+    # tasks above use; the scheduler checks every request's inputs before it gets here.
+    def run_chunk_rows(self, cache: KVCache, embeds: np.ndarray, branch: str, causal: bool, chunk_valid: np.ndarray) -> np.ndarray:
+        """``run_chunk`` for a right-padded chunk: row b has ``chunk_valid[b].sum()`` real tokens, then
+        padding that nothing attends to and that the cache marks invalid."""
+        B, S, _ = embeds.shape
+        P = cache.length
+        pos = cache.positions[:, None] + np.arange(S, dtype=np.int64)[None]
+        inner = np.tril(np.ones((S, S), bool)) if causal else np.ones((S, S), bool)
+        inner = inner[None] & chunk_valid[:, None, :]
+        mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :P], (B, S, P)), inner], axis=2)
+        k_slot, v_slot = cache.slot(S)
+        k_past, v_past = cache.past()
+        out = self._run(
+            f"backbone_{branch}",
+            outputs={"new_keys": k_slot, "new_values": v_slot},
+            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_keys=k_past, past_values=v_past,
+        )
+        cache.commit_rows(chunk_valid)
+        return out["hidden_states"]
+
+    def prefill_understand_batch(self, images: np.ndarray, prompts: list[list[int]], extra: list[int]) -> tuple[KVCache, np.ndarray, list[int]]:
+        """``understand``'s prefill for B requests whose images have one size: the vision trunk,
+        encoder and adapter run once on the (B, 3, H, W) batch, each row's chosen expert on its rows,
+        and the backbone takes the same chunks as a single request (the question chunk right-padded).
+        -> (cache with room for each row's ``extra`` tokens, each row's last hidden (B, 1, D), experts)."""
+        B = len(prompts)
+        trunk = self._run("und_trunk", pixel_values=images)
+        experts = [int(e) for e in np.argmax(trunk["router_logits"], axis=1)]
+        feats = None
+        for e in sorted(set(experts)):
+            rows = [i for i, x in enumerate(experts) if x == e]
+            f = self._run(f"und_expert_{e}", trunk_hidden=np.ascontiguousarray(trunk["trunk_hidden"][rows]))["und_features"]
+            if feats is None:
+                feats = np.empty((B,) + f.shape[1:], f.dtype)
+            feats[rows] = f
+        image_embeds = self._run("und_adapter", und_features=feats, latents=self.latents(images))["image_embeds"]
+        per_row = [template.understand(self.special, ids) for ids in prompts]
+        chunks = []  # (embeds (B, S, D), branch, chunk_valid (B, S))
+        for k, seg in enumerate(per_row[0]):
+            if isinstance(seg, Text):
+                texts = [list(r[k].ids) for r in per_row]
+                S = max(len(t) for t in texts)
+                ids = np.full((B, S), self.special.pad, np.int64)
+                valid = np.zeros((B, S), bool)
+                for i, t in enumerate(texts):
+                    ids[i, : len(t)] = t
+                    valid[i, : len(t)] = True
+                chunks.append((self._run("embed_tokens", input_ids=ids)["inputs_embeds"], "und", valid))
+            else:
+                chunks.append((image_embeds, seg.branch, np.ones(image_embeds.shape[:2], bool)))
+        lengths = sum(v.sum(axis=1) for _, _, v in chunks) + np.asarray(extra)
+        if lengths.max() > self.dims.max_context:
+            raise RequestError(f"request needs {int(lengths.max())} positions, more than the model's context of {self.dims.max_context}")
+        cache = KVCache.allocate(self.backend, self.dims, B, sum(e.shape[1] for e, _, _ in chunks) + max(extra), self.kv_dtype)
+        for e, branch, valid in chunks:
+            hidden = self.run_chunk_rows(cache, e, branch, True, valid)
+        last = valid.sum(axis=1) - 1
+        return cache, hidden[np.arange(B), last][:, None], experts
+
+    def decode_rows(self, cache: KVCache, tokens: list[int]) -> np.ndarray:
+        """One understanding decode step for every row of ``cache``: -> next-token logits (B, vocab)."""
+        emb = self._run("embed_tokens", input_ids=np.asarray(tokens, np.int64)[:, None])["inputs_embeds"]
+        hidden = self.run_chunk(cache, emb, "und", True)
+        return self.logits_rows(hidden)
+
+    def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
+        return self._run("lm_head", hidden_states=np.ascontiguousarray(hidden))["logits"][:, -1]
+
+    def generate_prefixes(self, prompt: str, h: int, w: int, cfg: float) -> list[tuple[KVCache, float]]:
+        """``generate``'s guidance prefixes with their weights (each a B=1 cache with room for h*w)."""
+        prefix = lambda ids: template.split_prefix(template.generate(self.special, ids))[0]
+        cond, _, _ = self.prefill(prefix(self._prompt_ids(prompt)), {}, True, h * w)
+        if cfg == 1.0:
+            return [(cond, 1.0)]
+        uncond, _, _ = self.prefill(prefix([]), {}, True, h * w)
+        return [(cond, cfg), (uncond, 1.0 - cfg)]
+
+    def edit_prefixes(self, img: np.ndarray, prompt: str, s_txt: float, s_img: float) -> tuple[list[tuple[KVCache, float]], int]:
+        """``edit``'s three guidance prefixes with their weights, and the reference's token count."""
+        d = self.dims
+        h, w = img.shape[2] // d.cell, img.shape[3] // d.cell
+        pre = lambda ids, ref: template.split_prefix(template.edit(self.special, ids, ref, d.reference_branch))[0]
+        images = {"reference": img}
+        full, _, info = self.prefill(pre(self._prompt_ids(prompt), True), images, True, h * w)
+        img_only, _, _ = self.prefill(pre([], True), images, True, h * w)
+        none, _, _ = self.prefill(pre([], False), images, True, h * w)
+        return [(full, s_txt), (img_only, s_img - s_txt), (none, 1.0 - s_img)], info["visual_tokens"]
+
+    def denoise_rows(self, cache: KVCache, members: list[tuple[np.ndarray, np.ndarray, float, float]]) -> list[np.ndarray]:
+        """One Euler step for several requests of one latent size at once. ``cache`` stacks every
+        member's guidance prefixes in order; a member is (x (1, C, h, w), weights (K,), t, t_next),
+        its K prefix rows all see its own noisy target. -> each member's next x."""
+        xs = np.concatenate([x for x, _, _, _ in members], axis=0)
+        R, C, h, w = xs.shape
+        zeros = np.zeros((R, h, w, self.dims.und_feature_dim), np.float32)
+        ts = np.array([t for _, _, t, _ in members], np.float32)
+        tokens = self._run("gen_adapter", und_features=zeros, latents=xs, timestep=ts)["image_embeds"]
+        emb = np.repeat(tokens, [len(wk) for _, wk, _, _ in members], axis=0)
+        hidden = self.run_chunk(cache, emb, "gen", causal=False, commit=False)
+        v_all = self._run("gen_head", hidden_states=hidden)["velocity"]
+        out, start = [], 0
+        for x, wk, t, t_next in members:
+            v = np.tensordot(wk, v_all[start : start + len(wk)], axes=1)
+            start += len(wk)
+            out.append(x + np.float32(t_next - t) * v.T.reshape(1, C, h, w))
+        return out
