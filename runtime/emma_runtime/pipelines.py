@@ -361,28 +361,37 @@ class Pipeline:
                 feats = np.empty((B,) + f.shape[1:], f.dtype)
             feats[rows] = f
         image_embeds = self._run("und_adapter", und_features=feats, latents=self.latents(images))["image_embeds"]
-        per_row = [template.understand(self.special, ids) for ids in prompts]
-        chunks = []  # (embeds (B, S, D), branch, chunk_valid (B, S))
-        for k, seg in enumerate(per_row[0]):
-            if isinstance(seg, Text):
-                texts = [list(r[k].ids) for r in per_row]
-                S = max(len(t) for t in texts)
-                ids = np.full((B, S), self.special.pad, np.int64)
-                valid = np.zeros((B, S), bool)
-                for i, t in enumerate(texts):
-                    ids[i, : len(t)] = t
-                    valid[i, : len(t)] = True
-                chunks.append((self._run("embed_tokens", input_ids=ids)["inputs_embeds"], "und", valid))
-            else:
-                chunks.append((image_embeds, seg.branch, np.ones(image_embeds.shape[:2], bool)))
-        lengths = sum(v.sum(axis=1) for _, _, v in chunks) + np.asarray(extra)
-        if lengths.max() > self.dims.max_context:
-            raise RequestError(f"request needs {int(lengths.max())} positions, more than the model's context of {self.dims.max_context}")
-        cache = KVCache.allocate(self.backend, self.dims, B, sum(e.shape[1] for e, _, _ in chunks) + max(extra), self.kv_dtype)
-        for e, branch, valid in chunks:
-            hidden = self.run_chunk_rows(cache, e, branch, True, valid)
-        last = valid.sum(axis=1) - 1
-        return cache, hidden[np.arange(B), last][:, None], experts
+        # The whole prefix runs as one causal chunk per row (a single request runs it as three): one
+        # backbone call instead of three, measured to give the single request's tokens (docs/serving.md).
+        parts = []  # per row: the prefix's embeddings, (n_i, D)
+        for i, ids in enumerate(prompts):
+            row = []
+            for seg in template.understand(self.special, ids):
+                row.append(image_embeds[i] if isinstance(seg, Image) else None)
+                if isinstance(seg, Text):
+                    row[-1] = list(seg.ids)
+            parts.append(row)
+        text_ids = [ids for row in parts for ids in row if isinstance(ids, list)]
+        width = max(len(t) for t in text_ids)
+        ids = np.full((len(text_ids), width), self.special.pad, np.int64)
+        for k, t in enumerate(text_ids):
+            ids[k, : len(t)] = t
+        text_embeds = iter(self._run("embed_tokens", input_ids=ids)["inputs_embeds"])
+        rows = []
+        for row in parts:
+            rows.append(np.concatenate([e if not isinstance(e, list) else next(text_embeds)[: len(e)] for e in row], axis=0))
+        lengths = np.array([len(r) for r in rows])
+        if (lengths + np.asarray(extra)).max() > self.dims.max_context:
+            raise RequestError(f"request needs {int((lengths + np.asarray(extra)).max())} positions, more than the model's context of {self.dims.max_context}")
+        S = int(lengths.max())
+        embeds = np.zeros((B, S, rows[0].shape[1]), rows[0].dtype)
+        valid = np.zeros((B, S), bool)
+        for i, r in enumerate(rows):
+            embeds[i, : len(r)] = r
+            valid[i, : len(r)] = True
+        cache = KVCache.allocate(self.backend, self.dims, B, S + max(extra), self.kv_dtype)
+        hidden = self.run_chunk_rows(cache, embeds, "und", True, valid)
+        return cache, hidden[np.arange(B), lengths - 1][:, None], experts
 
     def decode_rows(self, cache: KVCache, tokens: list[int]) -> np.ndarray:
         """One understanding decode step for every row of ``cache``: -> next-token logits (B, vocab)."""

@@ -22,6 +22,9 @@ def _fail(msg: str):
               help="Requests batched per step (understanding decode rows; images of one size). 1 = one at a time.")
 @click.option("--max-queue", type=click.IntRange(0, 100000), default=64, show_default=True,
               help="Requests waiting for a batch before new ones get 429 with Retry-After.")
+@click.option("--exact-images", is_flag=True,
+              help="Batch only images whose prompts have one length, so every image is bit-identical to a one-request run "
+                   "(default: any prompts batch; pixels then match to within one level).")
 @click.option("--request-timeout", type=click.FloatRange(0.1, 3600), default=60.0, show_default=True, help="Seconds per request.")
 @click.option("--max-body-mb", type=click.FloatRange(0.01, 1024), default=8.0, show_default=True)
 @click.option("--max-pixels", type=click.IntRange(1024, 1 << 30), default=1 << 20, show_default=True,
@@ -33,7 +36,7 @@ def _fail(msg: str):
               help="With --ray: autoscale between --replicas and this, on each replica's queue depth.")
 @click.option("--ray-address", default=None, help="With --ray: the cluster to join (default: RAY_ADDRESS, else a local one).")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info", show_default=True)
-def serve(bundle, backend, provider, host, port, max_batch, max_queue, request_timeout, max_body_mb, max_pixels, max_n,
+def serve(bundle, backend, provider, host, port, max_batch, max_queue, exact_images, request_timeout, max_body_mb, max_pixels, max_n,
           use_ray, replicas, max_replicas, ray_address, log_level):
     """Serve a bundle over OpenAI's HTTP API: /v1/chat/completions (understanding),
     /v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics."""
@@ -50,7 +53,7 @@ def serve(bundle, backend, provider, host, port, max_batch, max_queue, request_t
     except (BundleError, ValueError, OSError) as e:
         _fail(str(e))
     limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_n=max_n, request_timeout_s=request_timeout)
-    settings = Settings(bundle, backend, provider, max_batch, max_queue, limits)
+    settings = Settings(bundle, backend, provider, max_batch, max_queue, exact_images, limits)
     try:
         if use_ray:
             from .ray_deploy import run

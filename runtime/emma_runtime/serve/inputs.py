@@ -163,10 +163,11 @@ def generation_jobs(p: Pipeline, prompt: str, size: str | None, n: int, seed: in
     H, W = parse_size(size, d.default_image_size, d.cell, limits)
     ids = _prompt_ids(p, prompt, limits, "prompt")
     L = (H // d.cell) * (W // d.cell)
-    prefix = template.split_prefix(template.generate(p.special, ids))[0]
-    _check_context(p, _positions(prefix, L) + L, f"the prompt and a {W}x{H} image", "prompt")
+    prefix = _positions(template.split_prefix(template.generate(p.special, ids))[0], L)
+    _check_context(p, prefix + L, f"the prompt and a {W}x{H} image", "prompt")
     seed = 0 if seed is None else seed
-    return [ImageJob("generate", prompt, H, W, steps or d.steps, d.shift, seed + i, cfg=d.cfg if cfg is None else cfg) for i in range(n)]
+    return [ImageJob("generate", prompt, H, W, steps or d.steps, d.shift, seed + i, cfg=d.cfg if cfg is None else cfg,
+                     prefix_positions=prefix) for i in range(n)]
 
 
 def edit_jobs(p: Pipeline, image: np.ndarray, prompt: str, size: str | None, n: int, seed: int | None, steps: int | None,
@@ -179,9 +180,9 @@ def edit_jobs(p: Pipeline, image: np.ndarray, prompt: str, size: str | None, n: 
                          param="size", code="invalid_size")
     ids = _prompt_ids(p, prompt, limits, "prompt")
     L = (H // d.cell) * (W // d.cell)
-    prefix = template.split_prefix(template.edit(p.special, ids, True, d.reference_branch))[0]
-    _check_context(p, _positions(prefix, L) + L, f"the prompt, a {W}x{H} reference and its {W}x{H} target", "prompt")
+    prefix = _positions(template.split_prefix(template.edit(p.special, ids, True, d.reference_branch))[0], L)
+    _check_context(p, prefix + L, f"the prompt, a {W}x{H} reference and its {W}x{H} target", "prompt")
     seed = 0 if seed is None else seed
     return [ImageJob("edit", prompt, H, W, steps or d.steps, d.shift, seed + i,
                      cfg_text=d.cfg_text if cfg_text is None else cfg_text, cfg_image=d.cfg_image if cfg_image is None else cfg_image,
-                     image=image) for i in range(n)]
+                     image=image, prefix_positions=prefix) for i in range(n)]

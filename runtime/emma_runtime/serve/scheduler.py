@@ -81,6 +81,7 @@ class ImageJob:
     cfg_text: float = 1.0  # edit
     cfg_image: float = 1.0  # edit
     image: np.ndarray | None = None  # edit: the reference, (1, 3, H, W)
+    prefix_positions: int = 0  # its longest guidance prefix (the exact mode batches equal ones only)
 
 
 @dataclass
@@ -119,7 +120,7 @@ class _Row:
 
     ticket: Ticket
     src: tuple[KVCache, int]
-    logits: np.ndarray
+    logits: np.ndarray | None  # the next token's, until it is sampled
     rng: np.random.Generator
     expert: int
     out: list[int] = field(default_factory=list)
@@ -156,10 +157,15 @@ def _emit(t: Ticket, kind: str, payload) -> None:
 
 
 class Scheduler:
-    def __init__(self, pipeline: Pipeline, max_batch: int = 8, max_queue: int = 64, metrics: Metrics | None = None):
+    def __init__(self, pipeline: Pipeline, max_batch: int = 8, max_queue: int = 64, metrics: Metrics | None = None,
+                 exact_images: bool = False):
         if max_batch < 1 or max_queue < 0:
             raise ValueError("max_batch must be >= 1 and max_queue >= 0")
         self.p = pipeline
+        # Batched with longer prefixes, a request's attention sums run over padding in another order:
+        # its latents move by ~1e-6 and a pixel can round to the next level. exact_images batches only
+        # requests whose prefixes have one length, so every image is bit-identical to its single run.
+        self.exact_images = exact_images
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.metrics = metrics or Metrics()
@@ -168,7 +174,7 @@ class Scheduler:
         self._img_inbox: deque[Ticket] = deque()
         self._rows: list[_Row] = []
         self._cache: KVCache | None = None  # the decode batch; None when it must be rebuilt from the rows' src
-        self._groups: dict[tuple[int, int], _Group] = {}
+        self._groups: dict[tuple[int, ...], _Group] = {}
         self._mean_latency = 1.0
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name="emma-engine", daemon=True)
@@ -212,6 +218,13 @@ class Scheduler:
     # ---- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         while True:
+            try:
+                # Rows whose answer is complete leave first: their clients are answered before the new
+                # requests' prefill runs, and their places go to those requests.
+                self._drop_expired()
+                self._sample_rows()
+            except Exception:
+                log.exception("engine step failed")
             with self._cv:
                 while not self._stopping and not (self._und_inbox or self._img_inbox or self._rows or self._groups):
                     self._cv.wait()
@@ -221,7 +234,6 @@ class Scheduler:
                 new_img = self._take_images()
                 self.metrics.queue_depth.set(len(self._und_inbox) + len(self._img_inbox))
             try:
-                self._drop_expired()
                 if new_und:
                     self._admit_understand(new_und)
                 for t in new_img:
@@ -251,7 +263,7 @@ class Scheduler:
         """Image requests whose size group has room, in arrival order (a full group does not hold
         back requests of other sizes)."""
         taken, kept = [], deque()
-        room: dict[tuple[int, int], int] = {}
+        room: dict[tuple[int, ...], int] = {}
         for t in self._img_inbox:
             key = self._key(t.job)
             if key not in room:
@@ -264,8 +276,9 @@ class Scheduler:
         self._img_inbox = kept
         return taken
 
-    def _key(self, job: ImageJob) -> tuple[int, int]:
-        return job.height // self.p.dims.cell, job.width // self.p.dims.cell
+    def _key(self, job: ImageJob) -> tuple[int, ...]:
+        size = (job.height // self.p.dims.cell, job.width // self.p.dims.cell)
+        return size + (job.prefix_positions,) if self.exact_images else size
 
     def _expired(self, t: Ticket) -> bool:
         if t.cancelled:
@@ -331,17 +344,20 @@ class Scheduler:
                 self._prefill([t])
             return
         self.metrics.batch_size.labels("prefill").observe(len(group))
-        for i, t in enumerate(group):
-            self._rows.append(_Row(t, (cache, i), logits[i], np.random.default_rng(t.job.seed), experts[i]))
-        self._cache = None
+        self._sample_rows([_Row(t, (cache, i), logits[i], np.random.default_rng(t.job.seed), experts[i]) for i, t in enumerate(group)])
 
-    def _decode_step(self) -> None:
-        """Samples each row's next token as ``Pipeline.understand`` does, then runs the rows that go
-        on as one decode step."""
+    def _sample_rows(self, rows: list[_Row] | None = None) -> None:
+        """Samples the next token of each row that has fresh logits, as ``Pipeline.understand`` does;
+        finished rows leave the batch."""
+        rows = self._rows if rows is None else rows
         keep, emitted = [], 0
-        for r in self._rows:
+        for r in rows:
+            if r.logits is None:
+                keep.append(r)
+                continue
             job = r.ticket.job
             tok = sample_token(r.logits, job.temperature, job.top_p, r.rng)
+            r.logits = None
             if tok == self.p.special.im_end:
                 self._finish(r.ticket, UnderstandResult(r.out, "stop", r.expert))
                 continue
@@ -355,13 +371,18 @@ class Scheduler:
                 continue
             keep.append(r)
         self.metrics.add_tokens(emitted)
-        if len(keep) != len(self._rows):
+        if rows is self._rows:
+            if len(keep) != len(self._rows):
+                self._cache = None
+            self._rows = keep
+        else:
+            self._rows.extend(keep)
             self._cache = None
-        self._rows = keep
+
+    def _decode_step(self) -> None:
+        """One decode step for every row, as one batch: appends each row's last token."""
+        keep = self._rows
         self.metrics.active.labels("understand").set(len(keep))
-        if not keep:
-            self._cache = None
-            return
         if self._cache is None:
             self._cache = KVCache.gather([r.src for r in keep], extra=max(r.remaining for r in keep))
             for i, r in enumerate(keep):
@@ -395,7 +416,7 @@ class Scheduler:
             return
         job: ImageJob = t.job
         d = self.p.dims
-        h, w = self._key(job)
+        h, w = self._key(job)[:2]
         try:
             if job.task == "generate":
                 prefixes, visual = self.p.generate_prefixes(job.prompt, h, w, job.cfg), h * w
@@ -408,11 +429,11 @@ class Scheduler:
         noise = initial_noise(job.seed, d.latent_channels, h, w)
         m = _Member(t, [c for c, _ in prefixes], np.array([wk for _, wk in prefixes], np.float32), noise,
                     timesteps(job.steps, job.shift), visual)
-        g = self._groups.setdefault((h, w), _Group())
+        g = self._groups.setdefault(self._key(job), _Group())
         g.members.append(m)
         g.cache = None
 
-    def _denoise_step(self, key: tuple[int, int]) -> None:
+    def _denoise_step(self, key: tuple[int, ...]) -> None:
         g = self._groups[key]
         L = key[0] * key[1]
         if g.cache is None:

@@ -20,6 +20,7 @@ class Settings:
     provider: str | None = None
     max_batch: int = 8
     max_queue: int = 64
+    exact_images: bool = False
     limits: Limits = field(default_factory=Limits)
 
 
@@ -29,7 +30,7 @@ def build(settings: Settings):
 
     p = Pipeline.load(settings.bundle, backend=settings.backend, provider=settings.provider, quiet=True)
     p.warmup()
-    scheduler = Scheduler(p, settings.max_batch, settings.max_queue).start()
+    scheduler = Scheduler(p, settings.max_batch, settings.max_queue, exact_images=settings.exact_images).start()
     return create_app(scheduler, settings.limits), scheduler
 
 
