@@ -49,3 +49,17 @@ def tiny_reference(tiny_bundle):
     from emma_export.export.source import WeightSource
 
     return WeightSource.from_args("tiny", None, 0).full_model()
+
+
+@pytest.fixture(scope="session")
+def serve_bundle(tmp_path_factory):
+    """The trained shapes bundle (fp32), exported once per test session from checkpoints/shapes."""
+    ckpt = ROOT / "checkpoints" / "shapes"
+    if not (ckpt / "model.safetensors").exists():
+        pytest.skip("no shipped checkpoint at checkpoints/shapes")
+    from emma_export.export.bundle_writer import export_bundle
+    from emma_export.export.source import WeightSource
+
+    out = tmp_path_factory.mktemp("bundles") / "shapes"
+    export_bundle(WeightSource.from_args(None, str(ckpt), 0), out, progress=False, tokenizer_file=ckpt / "tokenizer.json")
+    return out
