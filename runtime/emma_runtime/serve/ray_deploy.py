@@ -48,10 +48,10 @@ def application(settings: Settings, replicas: int = 1, max_replicas: int | None 
         def __init__(self, s: Settings):
             from .server import build
 
-            self.app, self.scheduler = build(s)
+            self._asgi, self.scheduler = build(s)
 
         def __serve_build_asgi_app__(self):
-            return self.app
+            return self._asgi
 
         def check_health(self):
             if not self.scheduler.alive():
@@ -68,11 +68,17 @@ def application(settings: Settings, replicas: int = 1, max_replicas: int | None 
 def start(settings: Settings, host: str, port: int, replicas: int = 1, max_replicas: int | None = None,
           address: str | None = None, local_cpus: int | None = None) -> str:
     """Connects to (or starts) a Ray cluster, deploys, and returns the HTTP URL once every replica is up."""
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not address and host in ("127.0.0.1", "localhost"):
+        # A one-machine cluster for a loopback server: Ray's single-host mode puts its own services on
+        # 127.0.0.1 too (read when ray is first imported). Ray Serve's replicas still open their
+        # inter-deployment gRPC port on [::] (hard-coded in ray.serve._private.replica).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
     from ray import serve
 
     if not ray.is_initialized():
-        address = address or os.environ.get("RAY_ADDRESS")
         if address:
             ray.init(address=address, logging_level="warning")
         else:  # a one-machine cluster on loopback
