@@ -411,3 +411,21 @@ def test_load_32_clients_every_answer_matches(serve_bundle, pipe, examples):
           f"mean batch " + ", ".join(f"{k} {v:.1f}" for k, v in mean_batch.items()))
     assert mean_batch["decode"] > 1.5 and mean_batch["denoise"] > 1.5  # it did batch
     assert wall < 150
+
+
+# ---- the command line ------------------------------------------------------------------------------
+@pytest.mark.parametrize("args,message", [
+    (["--bundle", "/nonexistent/bundle"], "error: "),
+    (["--replicas", "2"], "error: --replicas, --max-replicas and --ray-address need --ray"),
+    (["--ray", "--replicas", "3", "--max-replicas", "2"], "error: --max-replicas (2) is below --replicas (3)"),
+])
+def test_serve_command_bad_arguments(serve_bundle, args, message):
+    from click.testing import CliRunner
+
+    from emma_runtime.cli import main
+
+    if "--bundle" not in args:
+        args = ["--bundle", str(serve_bundle)] + args
+    r = CliRunner().invoke(main, ["serve"] + args)
+    assert r.exit_code == 2
+    assert message in r.output and "Traceback" not in r.output
