@@ -21,12 +21,12 @@ from PIL import Image  # noqa: E402
 from emma_export.shapes import world  # noqa: E402
 from emma_runtime.images import to_model, to_uint8  # noqa: E402
 from emma_runtime.pipelines import Pipeline  # noqa: E402
-from emma_runtime.serve.inputs import Limits  # noqa: E402
+from emma_runtime.serve.inputs import ServeLimits  # noqa: E402
 from emma_runtime.serve.scheduler import ImageJob, Scheduler, ServeError, UnderstandJob  # noqa: E402
 from emma_runtime.serve.server import BackgroundServer, Settings  # noqa: E402
 
 MODEL = "emma-shapes"
-LIMITS = Limits(max_body_bytes=256 << 10, max_pixels=256 * 256, max_prompt_chars=400, max_n=3, request_timeout_s=60)
+LIMITS = ServeLimits(max_body_bytes=256 << 10, max_pixels=256 * 256, max_n=3, request_timeout_s=60)
 
 
 def png(rgb: np.ndarray) -> bytes:
@@ -165,14 +165,16 @@ BAD = [
     ("too many pixels", "post", "/v1/chat/completions", lambda p: {"json": chat_body(_big_png(300, 300), "hi")}, 400, "image_too_large"),
     ("body too large", "post", "/v1/chat/completions", lambda p: {"json": chat_body(_big_png(320, 320, noise=True), "hi")}, 413,
      "body_too_large"),
-    ("prompt too long", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "what " * 100)}, 400, "prompt_too_long"),
-    ("context exceeded", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "hi", max_tokens=1000)}, 400,
+    ("prompt too long", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "what " * 4000)}, 400, "prompt_too_long"),
+    ("context exceeded", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "hi", max_tokens=250)}, 400,
      "context_length_exceeded"),
     ("temperature type", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "hi", temperature="hot")}, 400, None),
     ("chat n", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "hi", n=2)}, 400, "invalid_n"),
     ("malformed json", "post", "/v1/chat/completions", lambda p: {"content": b"{not json", "headers": {"content-type": "application/json"}},
      400, None),
     ("wrong model", "post", "/v1/chat/completions", lambda p: {"json": {**chat_body(p, "hi"), "model": "gpt-4o"}}, 404, "model_not_found"),
+    ("negative seed", "post", "/v1/chat/completions", lambda p: {"json": chat_body(p, "hi", seed=-1)}, 400, None),
+    ("too many steps", "post", "/v1/images/generations", lambda p: {"json": {"prompt": "a red circle", "steps": 100000}}, 400, None),
     ("n too large", "post", "/v1/images/generations", lambda p: {"json": {"prompt": "a red circle", "n": 4}}, 400, "invalid_n"),
     ("n zero", "post", "/v1/images/generations", lambda p: {"json": {"prompt": "a red circle", "n": 0}}, 400, "invalid_n"),
     ("bad size", "post", "/v1/images/generations", lambda p: {"json": {"prompt": "a red circle", "size": "65x64"}}, 400, "invalid_size"),

@@ -400,7 +400,7 @@ class Pipeline:
         return self.logits_rows(hidden)
 
     def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
-        return self._run("lm_head", hidden_states=np.ascontiguousarray(hidden))["logits"][:, -1]
+        return self._finite("lm_head (backbone_und)", self._run("lm_head", hidden_states=np.ascontiguousarray(hidden))["logits"][:, -1])
 
     def generate_prefixes(self, prompt: str, h: int, w: int, cfg: float) -> list[tuple[KVCache, float]]:
         """``generate``'s guidance prefixes with their weights (each a B=1 cache with room for h*w)."""

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..images import to_uint8
 from ..pipelines import Pipeline
-from .inputs import Limits, decode_image, edit_jobs, generation_jobs, understand_job
+from .inputs import ServeLimits, decode_image, edit_jobs, generation_jobs, understand_job
 from .scheduler import ImageResult, Scheduler, ServeError, UnderstandResult
 from .schemas import ChatRequest, ImageGenerationRequest, error_body
 
@@ -102,7 +102,7 @@ def _validation_message(errors) -> tuple[str, str | None]:
     return (f"{param}: {first.get('msg', 'invalid value')}" if param else first.get("msg", "invalid request")), param
 
 
-def create_app(scheduler: Scheduler, limits: Limits) -> FastAPI:
+def create_app(scheduler: Scheduler, limits: ServeLimits) -> FastAPI:
     p = scheduler.p
     mid = model_id(p)
     metrics = scheduler.metrics
@@ -240,7 +240,7 @@ def create_app(scheduler: Scheduler, limits: Limits) -> FastAPI:
         if not prompt:
             raise ServeError("prompt is required", param="prompt")
         _check_format(_field(form, "response_format"))
-        image = decode_image(await uploads[0].read(), p.dims.cell, limits, "image")
+        image = decode_image(p, await uploads[0].read(), limits, "image")
         jobs = edit_jobs(p, image, prompt, _field(form, "size"), _int(form, "n", 1), _int(form, "seed", None), _int(form, "steps", None),
                          _float(form, "cfg_text"), _float(form, "cfg_image"), limits)
         return _images(await wait_all(jobs))
@@ -302,7 +302,7 @@ def _usage(job, r: UnderstandResult) -> dict:
     return {"prompt_tokens": job.prompt_tokens, "completion_tokens": len(r.token_ids), "total_tokens": job.prompt_tokens + len(r.token_ids)}
 
 
-def _stream_chat(scheduler: Scheduler, job, limits: Limits, cid: str, created: int, mid: str, include_usage: bool) -> StreamingResponse:
+def _stream_chat(scheduler: Scheduler, job, limits: ServeLimits, cid: str, created: int, mid: str, include_usage: bool) -> StreamingResponse:
     """Server-sent events in OpenAI's chunk format. The job is submitted before the response starts,
     so a full queue is still a 429; an error after that arrives as a last ``data: {"error": ...}``."""
     p = scheduler.p

@@ -41,7 +41,7 @@ def serve(bundle, backend, provider, host, port, max_batch, max_queue, exact_ima
     """Serve a bundle over OpenAI's HTTP API: /v1/chat/completions (understanding),
     /v1/images/generations, /v1/images/edits, /v1/models, /health, /metrics."""
     from ..bundle import Bundle, BundleError
-    from .inputs import Limits
+    from .inputs import ServeLimits
     from .server import Settings
 
     if not use_ray and (replicas != 1 or max_replicas is not None or ray_address):
@@ -52,7 +52,7 @@ def serve(bundle, backend, provider, host, port, max_batch, max_queue, exact_ima
         Bundle.load(bundle)  # a bad bundle is one error line here, not a traceback on a replica
     except (BundleError, ValueError, OSError) as e:
         _fail(str(e))
-    limits = Limits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_n=max_n, request_timeout_s=request_timeout)
+    limits = ServeLimits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_n=max_n, request_timeout_s=request_timeout)
     settings = Settings(bundle, backend, provider, max_batch, max_queue, exact_images, limits)
     try:
         if use_ray:

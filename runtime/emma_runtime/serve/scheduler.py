@@ -30,7 +30,8 @@ import numpy as np
 
 from ..images import ImageError
 from ..kv_cache import KVCache
-from ..pipelines import Pipeline, RequestError
+from ..limits import RequestError
+from ..pipelines import Pipeline
 from ..sampling import initial_noise, sample_token, timesteps
 from .metrics import Metrics
 

@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..pipelines import Pipeline
-from .inputs import Limits
+from .inputs import ServeLimits
 from .scheduler import Scheduler
 
 
@@ -21,7 +21,7 @@ class Settings:
     max_batch: int = 8
     max_queue: int = 64
     exact_images: bool = False
-    limits: Limits = field(default_factory=Limits)
+    limits: ServeLimits = field(default_factory=ServeLimits)
 
 
 def build(settings: Settings):
