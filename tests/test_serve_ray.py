@@ -108,3 +108,17 @@ def test_two_replicas_serve_the_three_tasks(ray_url, pipe):
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}, {"type": "text", "text": "hi"}]}])
     assert err.value.code == "remote_url_refused"
     assert "emma_request_latency_seconds" in httpx.get(ray_url + "/metrics").text
+
+
+def test_autoscaling_deployment_options(serve_bundle):
+    """--replicas 1 --max-replicas 4: Ray Serve autoscales on each replica's ongoing requests, with
+    max_batch as the target; without --max-replicas the count is fixed."""
+    from emma_runtime.serve.ray_deploy import application
+
+    auto = application(Settings(str(serve_bundle), max_batch=6, max_queue=10), replicas=1, max_replicas=4)
+    cfg = auto._bound_deployment._deployment_config
+    assert cfg.autoscaling_config.min_replicas == 1 and cfg.autoscaling_config.max_replicas == 4
+    assert cfg.autoscaling_config.target_ongoing_requests == 6
+    assert cfg.max_ongoing_requests == 16
+    fixed = application(Settings(str(serve_bundle)), replicas=3)
+    assert fixed._bound_deployment._deployment_config.num_replicas == 3

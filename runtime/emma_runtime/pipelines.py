@@ -348,19 +348,22 @@ class Pipeline:
     def prefill_understand_batch(self, images: np.ndarray, prompts: list[list[int]], extra: list[int]) -> tuple[KVCache, np.ndarray, list[int]]:
         """``understand``'s prefill for B requests whose images have one size: the vision trunk,
         encoder and adapter run once on the (B, 3, H, W) batch, each row's chosen expert on its rows,
-        and the backbone takes the same chunks as a single request (the question chunk right-padded).
-        -> (cache with room for each row's ``extra`` tokens, each row's last hidden (B, 1, D), experts)."""
+        and each row's whole prefix is one right-padded causal chunk of the backbone.
+        -> (cache with room for each row's ``extra`` tokens, each row's last hidden (B, 1, D), experts).
+        Rows are gathered and padded on the host (a copy of small arrays; views with ONNX Runtime)."""
         B = len(prompts)
+        host = self.backend.to_host
         trunk = self._run("und_trunk", pixel_values=images)
-        experts = [int(e) for e in np.argmax(trunk["router_logits"], axis=1)]
+        experts = [int(e) for e in np.argmax(host(trunk["router_logits"]), axis=1)]
+        trunk_hidden = host(trunk["trunk_hidden"])
         feats = None
         for e in sorted(set(experts)):
             rows = [i for i, x in enumerate(experts) if x == e]
-            f = self._run(f"und_expert_{e}", trunk_hidden=np.ascontiguousarray(trunk["trunk_hidden"][rows]))["und_features"]
+            f = host(self._run(f"und_expert_{e}", trunk_hidden=np.ascontiguousarray(trunk_hidden[rows]))["und_features"])
             if feats is None:
                 feats = np.empty((B,) + f.shape[1:], f.dtype)
             feats[rows] = f
-        image_embeds = self._run("und_adapter", und_features=feats, latents=self.latents(images))["image_embeds"]
+        image_embeds = host(self._run("und_adapter", und_features=feats, latents=self.latents(images))["image_embeds"])
         # The whole prefix runs as one causal chunk per row (a single request runs it as three): one
         # backbone call instead of three, measured to give the single request's tokens (docs/serving.md).
         parts = []  # per row: the prefix's embeddings, (n_i, D)
@@ -376,7 +379,7 @@ class Pipeline:
         ids = np.full((len(text_ids), width), self.special.pad, np.int64)
         for k, t in enumerate(text_ids):
             ids[k, : len(t)] = t
-        text_embeds = iter(self._run("embed_tokens", input_ids=ids)["inputs_embeds"])
+        text_embeds = iter(host(self._run("embed_tokens", input_ids=ids)["inputs_embeds"]))
         rows = []
         for row in parts:
             rows.append(np.concatenate([e if not isinstance(e, list) else next(text_embeds)[: len(e)] for e in row], axis=0))
@@ -391,7 +394,7 @@ class Pipeline:
             valid[i, : len(r)] = True
         cache = KVCache.allocate(self.backend, self.dims, B, S + max(extra), self.kv_dtype)
         hidden = self.run_chunk_rows(cache, embeds, "und", True, valid)
-        return cache, hidden[np.arange(B), lengths - 1][:, None], experts
+        return cache, host(hidden)[np.arange(B), lengths - 1][:, None], experts
 
     def decode_rows(self, cache: KVCache, tokens: list[int]) -> np.ndarray:
         """One understanding decode step for every row of ``cache``: -> next-token logits (B, vocab)."""
@@ -400,7 +403,8 @@ class Pipeline:
         return self.logits_rows(hidden)
 
     def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
-        return self._finite("lm_head (backbone_und)", self._run("lm_head", hidden_states=np.ascontiguousarray(hidden))["logits"][:, -1])
+        logits = self._run("lm_head", hidden_states=np.ascontiguousarray(self.backend.to_host(hidden)))["logits"]
+        return self._finite("lm_head (backbone_und)", self.backend.to_host(logits)[:, -1])
 
     def generate_prefixes(self, prompt: str, h: int, w: int, cfg: float) -> list[tuple[KVCache, float]]:
         """``generate``'s guidance prefixes with their weights (each a B=1 cache with room for h*w)."""
@@ -430,10 +434,10 @@ class Pipeline:
         R, C, h, w = xs.shape
         zeros = np.zeros((R, h, w, self.dims.und_feature_dim), np.float32)
         ts = np.array([t for _, _, t, _ in members], np.float32)
-        tokens = self._run("gen_adapter", und_features=zeros, latents=xs, timestep=ts)["image_embeds"]
+        tokens = self.backend.to_host(self._run("gen_adapter", und_features=zeros, latents=xs, timestep=ts)["image_embeds"])
         emb = np.repeat(tokens, [len(wk) for _, wk, _, _ in members], axis=0)
         hidden = self.run_chunk(cache, emb, "gen", causal=False, commit=False)
-        v_all = self._run("gen_head", hidden_states=hidden)["velocity"]
+        v_all = self.backend.to_host(self._run("gen_head", hidden_states=hidden)["velocity"])
         out, start = [], 0
         for x, wk, t, t_next in members:
             v = np.tensordot(wk, v_all[start : start + len(wk)], axes=1)
