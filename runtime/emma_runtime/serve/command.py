@@ -62,7 +62,7 @@ def serve(bundle, backend, provider, host, port, max_batch, max_queue, exact_ima
         else:
             _run_uvicorn(settings, host, port, log_level)
     except ImportError as e:
-        _fail(f"{e}; install the server's extra: pip install 'emma-deploy[serve]'")
+        _fail(f"{e}; install the server's extra: pip install 'emma-runtime[serve]' (./runtime[serve] from a checkout)")
     except (BundleError, ValueError, RuntimeError) as e:
         _fail(str(e))
 
