@@ -49,7 +49,7 @@ def serve(bundle, backend, provider, host, port, max_batch, max_queue, exact_ima
     if max_replicas is not None and max_replicas < replicas:
         _fail(f"--max-replicas ({max_replicas}) is below --replicas ({replicas})")
     try:
-        Bundle.load(bundle)  # a bad bundle is one error line here, not a traceback on a replica
+        Bundle.load(bundle, check_files=False)  # a bad path is one error line here, not a traceback on a replica
     except (BundleError, ValueError, OSError) as e:
         _fail(str(e))
     limits = ServeLimits(max_body_bytes=int(max_body_mb * (1 << 20)), max_pixels=max_pixels, max_n=max_n, request_timeout_s=request_timeout)
