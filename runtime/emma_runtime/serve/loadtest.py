@@ -5,6 +5,8 @@
 Starts the server twice in a child process (``--max-batch N``, then ``--max-batch 1``), sends the same
 fixed set of requests from ``--clients`` concurrent clients to each, and prints requests/s, p50 and
 p99 latency and the ratio; it also checks that both servers gave every request the same answer.
+``--engine-only`` drives the batching scheduler in this process instead (client threads submit jobs
+and wait for them; no HTTP), which separates what batching gains from what the HTTP side costs.
 """
 
 from __future__ import annotations
@@ -156,6 +158,75 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
+def _engine_jobs(p, task: str, n: int, max_tokens: int) -> list:
+    from types import SimpleNamespace
+
+    from .inputs import ServeLimits, decode_image, edit_jobs, generation_jobs, understand_job
+
+    lim = ServeLimits()
+    jobs = []
+    for i in range(n):
+        if task == "understand":
+            url = "data:image/png;base64," + base64.b64encode(synthetic_png(i)).decode()
+            msg = SimpleNamespace(role="user", content=[{"type": "image_url", "image_url": {"url": url}},
+                                                        {"type": "text", "text": QUESTIONS[i % len(QUESTIONS)]}])
+            jobs.append(understand_job(p, [msg], max_tokens, None, None, i, lim))
+        elif task == "generate":
+            jobs.extend(generation_jobs(p, PROMPTS[i % len(PROMPTS)], None, 1, i, None, None, lim))
+        else:
+            img = decode_image(p, synthetic_png(i), lim, "image")
+            jobs.extend(edit_jobs(p, img, EDITS[i % len(EDITS)], None, 1, i, None, None, None, lim))
+    return jobs
+
+
+def run_engine(p, jobs: list, max_batch: int, clients: int, exact_images: bool) -> tuple[list[float], list, float]:
+    """Closed loop without HTTP: each client thread submits its next job and waits for the answer."""
+    import threading
+
+    from ..images import to_uint8
+    from .scheduler import Scheduler
+
+    sched = Scheduler(p, max_batch, max_queue=len(jobs) + clients, exact_images=exact_images).start()
+    latencies: list[float] = [0.0] * len(jobs)
+    answers: list = [None] * len(jobs)
+    lock = threading.Lock()
+    next_i = [0]
+
+    def client():
+        while True:
+            with lock:
+                i = next_i[0]
+                next_i[0] += 1
+            if i >= len(jobs):
+                return
+            done, box = threading.Event(), []
+
+            def sink(kind, payload):
+                if kind != "token":
+                    box.append((kind, payload))
+                    done.set()
+
+            t0 = time.perf_counter()
+            sched.submit(jobs[i], sink, 300)
+            done.wait(300)
+            latencies[i] = time.perf_counter() - t0
+            if box and box[0][0] == "done":
+                r = box[0][1]
+                answers[i] = p.tokenizer.decode(r.token_ids).strip() if hasattr(r, "token_ids") else to_uint8(r.image)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    finally:
+        sched.stop()
+    return latencies, answers, wall
+
+
 def pct(xs: list[float], q: float) -> float:
     s = sorted(xs)
     return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
@@ -170,29 +241,40 @@ def pct(xs: list[float], q: float) -> float:
 @click.option("--max-tokens", type=click.IntRange(1, 4096), default=16, show_default=True)
 @click.option("--repeat", type=click.IntRange(1, 10), default=1, show_default=True, help="Run both modes this many times, alternating.")
 @click.option("--exact-images", is_flag=True, help="Run the batched server with --exact-images.")
+@click.option("--engine-only", is_flag=True, help="Drive the scheduler in this process, without HTTP.")
 @click.option("--backend", type=click.Choice(["ort", "trt"]), default="ort", show_default=True)
 @click.option("--provider", default=None)
-def main(bundle, task, clients, n, max_batch, max_tokens, repeat, exact_images, backend, provider):
+def main(bundle, task, clients, n, max_batch, max_tokens, repeat, exact_images, engine_only, backend, provider):
     n = n or 16 * clients
     max_batch = max_batch or clients
-    requests = make_requests(task, n, max_tokens)
     rows = []
     keys: dict[str, list] = {}
     load0 = os.getloadavg()
+    if engine_only:
+        from ..pipelines import Pipeline
+
+        pipe = Pipeline.load(bundle, backend=backend, provider=provider)
+        jobs = _engine_jobs(pipe, task, n, max_tokens)
+        run_engine(pipe, jobs[: min(4, n)], 1, 1, False)  # warm-up
+    else:
+        requests = make_requests(task, n, max_tokens)
     for rep in range(repeat):
         for label, mb in ((f"batched (max-batch {max_batch})", max_batch), ("one at a time (max-batch 1)", 1)):
-            proc, url = start_server(bundle, mb, max(64, n), backend, provider, exact_images and mb > 1)
-            try:
-                asyncio.run(_drive(url, requests[: min(4, n)], 1, 120))  # warm-up: first-run allocations
-                lat, answers, wall = asyncio.run(_drive(url, requests, clients, 300))
-            finally:
-                stop_server(proc)
+            if engine_only:
+                lat, answers, wall = run_engine(pipe, jobs, mb, clients, exact_images and mb > 1)
+            else:
+                proc, url = start_server(bundle, mb, max(64, n), backend, provider, exact_images and mb > 1)
+                try:
+                    asyncio.run(_drive(url, requests[: min(4, n)], 1, 120))  # warm-up: first-run allocations
+                    lat, answers, wall = asyncio.run(_drive(url, requests, clients, 300))
+                finally:
+                    stop_server(proc)
             ok = sum(a is not None for a in answers)
             rows.append((label, ok, n / wall, pct(lat, 0.5), pct(lat, 0.99)))
             keys.setdefault(label, []).append(answers)
             click.echo(f"[{rep + 1}/{repeat}] {label}: {ok}/{n} answered in {wall:.2f} s", err=True)
     load1 = os.getloadavg()
-    click.echo(f"\n{task}: {clients} clients, {n} requests per run, bundle {bundle}, {os.cpu_count()} CPUs, "
+    click.echo(f"\n{task}{' (engine only, no HTTP)' if engine_only else ''}: {clients} clients, {n} requests per run, bundle {bundle}, {os.cpu_count()} CPUs, "
                f"EMMA_ORT_THREADS={os.environ.get('EMMA_ORT_THREADS', 'unset')}{', --exact-images' if exact_images else ''}, "
                f"load average {load0[0]:.2f} before / {load1[0]:.2f} after")
     click.echo(f"{'server':<32} {'ok':>9} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
