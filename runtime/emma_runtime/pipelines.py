@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import template
+from . import names, template
 from .backends import make_backend
 from .bundle import Bundle, BundleError
 from .images import ImageError, load_image
@@ -359,7 +359,7 @@ class Pipeline:
         feats = None
         for e in sorted(set(experts)):
             rows = [i for i, x in enumerate(experts) if x == e]
-            f = host(self._run(f"und_expert_{e}", trunk_hidden=np.ascontiguousarray(trunk_hidden[rows]))["und_features"])
+            f = host(self._run(names.expert(e), trunk_hidden=np.ascontiguousarray(trunk_hidden[rows]))["und_features"])
             if feats is None:
                 feats = np.empty((B,) + f.shape[1:], f.dtype)
             feats[rows] = f

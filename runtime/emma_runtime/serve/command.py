@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-
-def _fail(msg: str):
-    click.echo(f"error: {msg}", err=True)
-    sys.exit(2)
+from ..cli_support import fail as _fail
 
 
 @click.command()

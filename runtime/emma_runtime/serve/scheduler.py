@@ -250,10 +250,10 @@ class Scheduler:
             except Exception as e:  # a bug in the scheduler itself: fail what is in flight, keep serving
                 log.exception("engine step failed")
                 for r in self._rows:
-                    self._fail(r.ticket, e)
+                    self._fail_request(r.ticket, e)
                 for g in self._groups.values():
                     for m in g.members:
-                        self._fail(m.ticket, e)
+                        self._fail_request(m.ticket, e)
                 self._rows, self._cache, self._groups = [], None, {}
         err = ServeError("the server is shutting down", 503, "server_error", code="shutting_down")
         for t in list(self._und_inbox) + list(self._img_inbox):
@@ -290,7 +290,7 @@ class Scheduler:
             return True
         if time.monotonic() > t.deadline:
             self.metrics.errors.labels("timeout").inc()
-            self._fail(t, ServeError("the request ran past the server's time limit", 504, "timeout_error", code="timeout"), count=False)
+            self._fail_request(t, ServeError("the request ran past the server's time limit", 504, "timeout_error", code="timeout"), count=False)
             t.cancelled = True
             return True
         return False
@@ -313,7 +313,7 @@ class Scheduler:
         self.metrics.requests.labels(t.job.task, "ok").inc()
         _emit(t, "done", result)
 
-    def _fail(self, t: Ticket, e: Exception, count: bool = True) -> None:
+    def _fail_request(self, t: Ticket, e: Exception, count: bool = True) -> None:
         if isinstance(e, ServeError):
             err = e
         elif isinstance(e, (RequestError, ImageError)):
@@ -343,7 +343,7 @@ class Scheduler:
             logits = self.p.logits_rows(hidden)
         except Exception as e:
             if len(group) == 1:
-                self._fail(group[0], e)
+                self._fail_request(group[0], e)
                 return
             for t in group:  # one bad request must not fail the others: each on its own
                 self._prefill([t])
@@ -398,7 +398,7 @@ class Scheduler:
         except Exception as e:
             self._cache = None
             if len(keep) == 1:
-                self._fail(keep[0].ticket, e)
+                self._fail_request(keep[0].ticket, e)
                 self._rows = []
                 return
             survivors = []
@@ -409,7 +409,7 @@ class Scheduler:
                     r.src = (c, 0)
                     survivors.append(r)
                 except Exception as e1:
-                    self._fail(r.ticket, e1)
+                    self._fail_request(r.ticket, e1)
             self._rows = survivors
             return
         for r, l in zip(keep, logits):
@@ -429,7 +429,7 @@ class Scheduler:
                 prefixes, ref = self.p.edit_prefixes(job.image, job.prompt, job.cfg_text, job.cfg_image)
                 visual = ref + h * w
         except Exception as e:
-            self._fail(t, e)
+            self._fail_request(t, e)
             return
         noise = initial_noise(job.seed, d.latent_channels, h, w)
         m = _Member(t, [c for c, _ in prefixes], np.array([wk for _, wk in prefixes], np.float32), noise,
@@ -451,7 +451,7 @@ class Scheduler:
         except Exception as e:
             g.cache = None
             if len(g.members) == 1:
-                self._fail(g.members[0].ticket, e)
+                self._fail_request(g.members[0].ticket, e)
                 ok = []
             else:
                 ok = []
@@ -459,7 +459,7 @@ class Scheduler:
                     try:
                         ok.append((m, step([m], KVCache.stack(m.prefixes, extra=L))[0]))
                     except Exception as e1:
-                        self._fail(m.ticket, e1)
+                        self._fail_request(m.ticket, e1)
         for m, x in ok:
             m.x = x
             m.i += 1
@@ -482,6 +482,6 @@ class Scheduler:
             try:
                 image = self.p.decode(m.x)
             except Exception as e:
-                self._fail(m.ticket, e)
+                self._fail_request(m.ticket, e)
                 continue
             self._finish(m.ticket, ImageResult(image, m.x, m.visual_tokens))
