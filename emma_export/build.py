@@ -94,10 +94,11 @@ def resolve_target(name: str, precision: str):
 
 # ---- stages ---------------------------------------------------------------------------------------
 
-def capture_calibration(model, tokenizer, recipe: str = "full") -> dict:
+def capture_calibration(model, tokenizer, recipe: str = "full", world: str | None = None) -> dict:
+    from . import worlds
     from .quantize.calibrate import capture, check_complete
 
-    feeds = capture(model, tokenizer, recipe)
+    feeds = capture(model, tokenizer, recipe, world=worlds.load(world))
     check_complete(model.cfg, feeds)
     return feeds
 
@@ -149,6 +150,9 @@ class BuildRequest:
     # quantize just these components (the others at the target's high precision)
     only: tuple[str, ...] = ()
     overwrite: bool = False
+    # the world the model was trained on (a name, emma_export.worlds): its calibration corpus
+    # and task suite. "auto": the one the checkpoint or source bundle names; None: none
+    world: str | None = "auto"
 
 
 @dataclass
@@ -171,11 +175,28 @@ def build(*, echo: Callable[[str], None] = print, **kw) -> BuildReport:
     kw["only"] = tuple(kw.get("only", ()))
     req = BuildRequest(**kw)
     t = resolve_target(req.target, req.precision)  # before any work
-    req = replace(req, out=check_out(req.out, "bundle", req.overwrite))
+    req = replace(req, out=check_out(req.out, "bundle", req.overwrite), world=_world_spec(req))
     if req.only:
         _check_components(req.only, req.precision, req.config_name, req.checkpoint, req.source_bundle)
     with _torch_threads_for_small_models(req.config_name, req.checkpoint, req.source_bundle):
         return _build(req, t, echo)
+
+
+def _world_spec(req: BuildRequest) -> str | None:
+    from . import worlds
+
+    if req.world != "auto":
+        worlds.load(req.world)  # a bad name fails before any work
+        return req.world
+    if req.source_bundle is not None:
+        from emma_runtime.bundle import Bundle
+
+        return Bundle.load(req.source_bundle, check_files=False).manifest.weights.get("world")
+    if req.checkpoint is not None:
+        from .weights.checkpoint import checkpoint_root
+
+        return worlds.of_checkpoint(checkpoint_root(req.checkpoint))
+    return None
 
 
 def _source_config(config_name, checkpoint, source_bundle):
@@ -278,7 +299,7 @@ def stage_calibrate(req: BuildRequest, bundle, ref: _Reference, echo) -> dict:
     model = ref.get(bundle)
     if echo:
         echo(f"calibrate: capturing component inputs from the reference pipelines ({req.recipe} recipe)")
-    return capture_calibration(model, bundle.tokenizer(), req.recipe)
+    return capture_calibration(model, bundle.tokenizer(), req.recipe, req.world)
 
 
 def stage_quantize(req: BuildRequest, t, work: Path, feeds, echo) -> dict:
@@ -302,6 +323,8 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
     (verify_e2e: its verdict is the only one), and a trained world's task figures."""
     from emma_runtime.bundle import Bundle
 
+    from . import worlds
+
     v = Verdict()
     if not req.verify:
         return v
@@ -323,11 +346,12 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
                 v.e2e_passed = False
                 v.failures.append(f"e2e {k}: {r['reason']}")
         seconds["e2e"] = time.perf_counter() - t0
-    if req.task_eval_n > 0 and bundle.manifest.config_name == "shapes":
+    world = worlds.load(req.world)
+    if req.task_eval_n > 0 and world is not None:
         t0 = time.perf_counter()
         if echo:
-            echo(f"evaluate: shapes-world held-out suite, n={req.task_eval_n}, runtime and fp32 reference")
-        v.tasks = _task_figures(work, req.checkpoint, req.task_eval_n)
+            echo(f"evaluate: {world.name}-world held-out suite, n={req.task_eval_n}, runtime and fp32 reference")
+        v.tasks = world.task_figures(work, req.checkpoint, req.task_eval_n)
         seconds["evaluate"] = time.perf_counter() - t0
         v.failures += _collapsed(v.tasks)
     return v
@@ -396,19 +420,6 @@ def _collapsed(tasks: dict) -> list[str]:
             out.append(f"task {k}: {tasks['runtime'][k]:.3f} against the fp32 reference's {tasks['fp32_reference'][k]:.3f} "
                        f"({d:+.1f} points, more than {TASK_COLLAPSE_POINTS:g} lost: the bundle is broken)")
     return out
-
-
-def _task_figures(bundle_dir: Path, checkpoint, n: int) -> dict:
-    """What users see, for this precision: the held-out suite through the bundle and through the
-    fp32 PyTorch reference (same scenes, same initial noise), and the change against fp32."""
-    from .shapes.evaluate import evaluate, headline
-
-    ck = None
-    if checkpoint:
-        ck = Path(checkpoint) / "model.safetensors" if Path(checkpoint).is_dir() else Path(checkpoint)
-    res = evaluate(bundle_dir, n=n, seed=0, reference=True, checkpoint=ck, ceiling=False)
-    return {"n": n, "split": res["split"], "runtime": headline(res["runtime"]), "fp32_reference": headline(res["reference"]),
-            "change_vs_fp32": res["delta"]}
 
 
 def _retarget(bundle_dir: Path, target: str) -> None:

@@ -140,8 +140,11 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
     if calibrated:
         from .quantize.calibrate import capture
 
+        from . import worlds
+
         tok = bundle.tokenizer()
-        real = {k: v for k, v in capture(model, tok, "verify").items() if k in calibrated}
+        world = worlds.load(bundle.manifest.weights.get("world"))
+        real = {k: v for k, v in capture(model, tok, "verify", world=world).items() if k in calibrated}
     comps = verify_components(bundle, model, progress=progress, real_feeds=real)
     failures = [
         f"{name}: rel L2 {r.rel_l2:.3g} > tolerance {r.tolerance:g} (max abs {r.max_abs:.3g})"

@@ -26,7 +26,7 @@ python - <<'PY'
 # 64x64 images are hard to see: one sheet, 4x nearest-neighbour, what the detector reads under each.
 import numpy as np
 from PIL import Image, ImageDraw
-from emma_export.shapes.detector import detect
+from shapes_world.detector import detect
 
 tiles = [("scene", "out/scene.png"), ("generated", "out/generated.png"), ("edited", "out/edited.png")]
 sheet = Image.new("RGB", (3 * 272, 300), (255, 255, 255))

@@ -18,9 +18,9 @@ import torch
 from tokenizers import Tokenizer
 
 from emma_export.model import pipelines as P
-from emma_export.shapes import world
-from emma_export.shapes.detector import detect, scene_matches
-from emma_export.shapes.evaluate import _to_model, _to_uint8
+from shapes_world import world
+from shapes_world.detector import detect, scene_matches
+from shapes_world.evaluate import _to_model, _to_uint8
 from emma_export.weights.checkpoint import load_checkpoint
 from emma_runtime.sampling import initial_noise
 

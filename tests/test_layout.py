@@ -107,3 +107,11 @@ def test_component_names_come_from_the_registry():
         if f.name == "names.py":
             continue
         assert not re.search(r"[\"']und_expert_\d", f.read_text()), f"{f.relative_to(ROOT)} hard-codes an expert name"
+
+
+def test_the_toolchain_imports_no_world():
+    """A world (shapes_world) plugs in through entry points; the toolchain names none."""
+    for f in (ROOT / "emma_export").rglob("*.py"):
+        text = f.read_text()
+        assert not re.search(r"^\s*(?:import|from)\s+shapes_world\b", text, re.M), f"{f.relative_to(ROOT)} imports shapes_world"
+        assert not re.search(r"""(?:name|config_name|cfg_name)\s*==\s*["']shapes["']""", text), f"{f.relative_to(ROOT)} switches on the shapes config name"

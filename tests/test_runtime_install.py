@@ -94,7 +94,7 @@ def device_env(tmp_path_factory) -> DeviceEnv:
 
 @pytest.fixture(scope="module")
 def scene_png(tmp_path_factory) -> Path:
-    from emma_export.shapes.world import Scene, Shape, render
+    from shapes_world.world import Scene, Shape, render
 
     scene = Scene((Shape("circle", "red", "large", 20, 22), Shape("square", "blue", "small", 46, 44)))
     path = tmp_path_factory.mktemp("scene") / "scene.png"

@@ -18,7 +18,7 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from emma_export.shapes import world  # noqa: E402
+from shapes_world import world  # noqa: E402
 from emma_runtime.images import to_model, to_uint8  # noqa: E402
 from emma_runtime.pipelines import Pipeline  # noqa: E402
 from emma_runtime.serve.inputs import ServeLimits  # noqa: E402

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
-from emma_export.shapes import world  # noqa: E402
+from shapes_world import world  # noqa: E402
 from emma_runtime.images import to_model, to_uint8  # noqa: E402
 from emma_runtime.pipelines import Pipeline  # noqa: E402
 from emma_runtime.serve.server import Settings, free_port  # noqa: E402

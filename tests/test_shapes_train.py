@@ -23,7 +23,7 @@ JITTER_CEILING = 0.1
 
 
 def test_smoke_training_writes_a_loadable_checkpoint(tmp_path):
-    from emma_export.shapes.train import TrainSettings, train
+    from shapes_world.train import TrainSettings, train
     from emma_export.weights.checkpoint import load_checkpoint
 
     s = TrainSettings(ae_steps=2, steps=2, dec_steps=2, ae_batch=4, batch_und=2, batch_gen=2, batch_edit=2, dec_batch=2,
@@ -63,7 +63,7 @@ def test_decoder_finetune_moves_only_the_decoder(tmp_path):
         pytest.skip("no shipped checkpoint at checkpoints/shapes")
     from safetensors.torch import load_file
 
-    from emma_export.shapes.train import TrainSettings, finetune_decoder
+    from shapes_world.train import TrainSettings, finetune_decoder
 
     s = TrainSettings(minutes=1.0, dec_steps=2, dec_batch=2, measure_n=4, progress=False)
     rec = finetune_decoder(SHIPPED, tmp_path / "ft", s, echo=lambda *_: None)
@@ -93,7 +93,7 @@ def test_joint_finetune_keeps_the_autoencoder_and_saves_average_and_last(tmp_pat
         pytest.skip("no shipped checkpoint at checkpoints/shapes")
     from safetensors.torch import load_file
 
-    from emma_export.shapes.train import TrainSettings, finetune_joint
+    from shapes_world.train import TrainSettings, finetune_joint
 
     s = TrainSettings(minutes=1.0, steps=3, batch_und=2, batch_gen=2, batch_edit=2, lr=5e-4, progress=False)
     rec = finetune_joint(SHIPPED, tmp_path / "ft", s, average=0.9, echo=lambda *_: None)
@@ -150,7 +150,7 @@ def shipped_bundle(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def shipped_eval(shipped_bundle):
-    from emma_export.shapes.evaluate import evaluate
+    from shapes_world.evaluate import evaluate
 
     torch.set_num_threads(2)
     return evaluate(shipped_bundle, n=20, seed=0, reference=True)
@@ -167,7 +167,7 @@ def test_shipped_checkpoint_files():
 
 
 def test_evaluation_table_fields(shipped_eval):
-    from emma_export.shapes.evaluate import table_rows
+    from shapes_world.evaluate import table_rows
 
     r = shipped_eval
     for side in ("runtime", "reference"):
@@ -188,7 +188,7 @@ def test_evaluation_table_fields(shipped_eval):
 
 @pytest.mark.parametrize("side", ["runtime", "reference"])
 def test_shipped_checkpoint_quality_floors(shipped_eval, side):
-    from emma_export.shapes.evaluate import headline
+    from shapes_world.evaluate import headline
 
     h = headline(shipped_eval[side])
     for k, floor in FLOORS.items():
@@ -221,8 +221,8 @@ def test_build_report_has_task_figures_against_fp32(tmp_path):
 
 
 def test_evaluate_on_the_val_split(shipped_bundle):
-    from emma_export.shapes import world
-    from emma_export.shapes.evaluate import evaluate
+    from shapes_world import world
+    from shapes_world.evaluate import evaluate
 
     r = evaluate(shipped_bundle, n=3, seed=0, split="val", ceiling=False)
     assert r["split"] == "val" and r["runtime"]["generation"]["n"] == 3
@@ -243,8 +243,8 @@ def test_evaluate_refuses_a_bundle_not_trained_on_the_world(tiny_bundle):
 def test_shifted_scene_moves_each_shape_by_at_most_px_and_stays_valid():
     import numpy as np
 
-    from emma_export.shapes import world
-    from emma_export.shapes.train import shifted
+    from shapes_world import world
+    from shapes_world.train import shifted
 
     rng = np.random.default_rng(0)
     moved = 0
@@ -264,7 +264,7 @@ def test_shipped_autoencoder_latents_are_smooth_in_the_jitter():
     world's jitter only) stay close in latent space."""
     if not (SHIPPED / "model.safetensors").exists():
         pytest.skip("no shipped checkpoint at checkpoints/shapes")
-    from emma_export.shapes.train import jitter_share
+    from shapes_world.train import jitter_share
     from emma_export.weights.checkpoint import load_checkpoint
 
     m = load_checkpoint(SHIPPED / "model.safetensors").float().eval()

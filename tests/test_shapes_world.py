@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from emma_export.shapes import world
-from emma_export.shapes.detector import add_noise, detect, detector_ceiling, scene_matches
-from emma_export.shapes.world import HELDOUT_TRIPLES, PALETTE, BACKGROUNDS, Scene, Shape
+from shapes_world import world
+from shapes_world.detector import add_noise, detect, detector_ceiling, scene_matches
+from shapes_world.world import HELDOUT_TRIPLES, PALETTE, BACKGROUNDS, Scene, Shape
 
 
 def _texts(ex):
@@ -172,7 +172,7 @@ def test_detector_reads_blurred_renders():
 
 
 def test_detector_kinds_from_geometry():
-    from emma_export.shapes.detector import kind_from_geometry
+    from shapes_world.detector import kind_from_geometry
 
     assert kind_from_geometry(1.0, 0.5, 0.0) == "square"
     assert kind_from_geometry(0.86, 0.6, 0.0) == "square"  # rounded corners

@@ -130,7 +130,9 @@ def calibrate(config_name, checkpoint, seed, recipe, out):
         tok = Tokenizer.from_file(str(src.tokenizer_file))
     else:
         tok = byte_level_tokenizer(src.cfg.llm.vocab_size)
-    feeds = capture(model, tok, recipe)
+    from ..worlds import load as load_world
+
+    feeds = capture(model, tok, recipe, world=load_world(src.world))
     check_complete(src.cfg, feeds)
     files = save(feeds, out)
     for name, f in files.items():

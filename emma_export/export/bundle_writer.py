@@ -104,6 +104,8 @@ def export_bundle(
             byte_level_tokenizer(cfg.llm.vocab_size).save(str(tok_path))
         # absolute: verify finds the reference weights from any working directory
         weights = {"kind": "checkpoint", "path": str(Path(source.checkpoint).resolve())} if source.checkpoint else {"kind": "random", "seed": source.seed}
+        if source.world:
+            weights["world"] = source.world
         manifest = Manifest(
             format_version=FORMAT_VERSION, config_name=cfg.name, config=cfg.to_dict(), model=model_dims(cfg),
             precision=dtype, target=target, components=entries, tokenizer=(tok_path.name, sha256_file(tok_path)),

@@ -42,6 +42,13 @@ class WeightSource:
         return cls(get_config(config_name or "tiny"), seed, None)
 
     @property
+    def world(self) -> str | None:
+        """The name of the world the checkpoint was trained on (its world.json), if any."""
+        from ..worlds import of_checkpoint
+
+        return of_checkpoint(self.checkpoint) if self.checkpoint is not None and self.checkpoint.is_dir() else None
+
+    @property
     def tokenizer_file(self) -> Path | None:
         """The checkpoint's own tokenizer.json, if it has one (else the bundle gets the byte-level one)."""
         if self.checkpoint is not None and self.checkpoint.is_dir() and (self.checkpoint / "tokenizer.json").is_file():

@@ -307,15 +307,17 @@ class Recipe:
         raise ValueError(f"unknown calibration recipe {name!r} (full, quick, verify)")
 
 
-def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path = PROMPTS_FILE) -> dict[str, list[Feed]]:
-    """Runs the reference pipelines on the calibration corpus; returns component -> list of feeds."""
+def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path = PROMPTS_FILE, world=None) -> dict[str, list[Feed]]:
+    """Runs the reference pipelines on the calibration corpus (the model's own ``world``'s when it has
+    one, see emma_export.worlds); returns component -> list of feeds."""
     from ..model import pipelines as ref
 
     recipe = Recipe.named(recipe) if isinstance(recipe, str) else recipe
     cfg = model.cfg
     seed0 = 5000 if recipe.held_out else 0
-    if cfg.name == "shapes":
-        names, photos, prompts, sizes = shapes_corpus(recipe)
+    if world is not None:
+        c = world.calibration_corpus(recipe)
+        names, photos, prompts, sizes = c.names, c.photos, c.prompts, c.sizes
     else:
         prompts = load_prompts(prompts_file)
         if recipe.held_out:
@@ -351,27 +353,6 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
             noise = torch.from_numpy(np.random.default_rng(seed0 + 2000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
             ref.edit(model, tokenizer, img, edit_p[j % len(edit_p)], noise)
     return cap.feeds
-
-
-def shapes_corpus(recipe: Recipe):
-    """The shapes world's own data for a model trained on it (photographs are far outside what it
-    saw, and would set the quantization ranges for inputs it never gets): train-split scenes, their
-    questions, detailed captions and edit instructions at the 64x64 size it was trained on; the
-    ``verify`` recipe draws from the val split instead."""
-    from ..shapes import world
-
-    split = "val" if recipe.held_out else "train"
-    n = max(recipe.images, recipe.generate_prompts, recipe.edit_prompts)
-    exs = world.dataset(split, n, seed=77)
-    names = [f"{split}-{i}" for i in range(n)]
-    photos = {nm: ex.image for nm, ex in zip(names, exs)}
-    prompts = {
-        "understand": [qa.question for ex in exs for qa in ex.qas],
-        "generate": [ex.caption_detailed for ex in exs],
-        "edit": [ex.edits[i % len(ex.edits)].instruction for i, ex in enumerate(exs)],
-    }
-    names = names[: recipe.images]
-    return names, photos, prompts, [(exs[0].scene.height, exs[0].scene.width)]
 
 
 def _interleave(a: list[str], b: list[str]) -> list[str]:

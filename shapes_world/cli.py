@@ -8,8 +8,8 @@ import click
 
 from emma_runtime.cli_support import Finite
 
-from .app import fail as _fail
-from .app import main
+from emma_export.cli.app import fail as _fail
+from emma_export.cli.app import main
 
 
 @main.command("train-shapes")
@@ -40,7 +40,7 @@ def train_shapes(out, minutes, seed, ae_share, ae_steps, steps, dec_share, dec_l
     generation and editing together (then, with --dec-share, the decoder alone)."""
     from pathlib import Path
 
-    from ..shapes.train import TrainSettings, finetune_decoder, finetune_joint, train
+    from .train import TrainSettings, finetune_decoder, finetune_joint, train
 
     if decoder_from and joint_from:
         _fail("give one of --decoder-from and --joint-from")
@@ -104,7 +104,7 @@ def evaluate_cmd(bundle_dir, reference, checkpoint, n, seed, split, json_out, th
     """Held-out shapes-world suite: understanding, generation, editing, autoencoder PSNR."""
     from emma_runtime.bundle import BundleError
 
-    from ..shapes.evaluate import evaluate, print_table, write_json
+    from .evaluate import evaluate, print_table, write_json
 
     if n < 1:
         _fail("--n must be at least 1")
@@ -136,7 +136,7 @@ def world_cmd(split, index, seed, out, json_out):
 
     from PIL import Image
 
-    from ..shapes import world
+    from . import world
 
     ex = world.make_example(split, index, seed)
     out = Path(out)

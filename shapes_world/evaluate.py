@@ -90,7 +90,7 @@ class ReferenceSide:
         import torch
         from tokenizers import Tokenizer
 
-        from ..weights.checkpoint import load_checkpoint
+        from emma_export.weights.checkpoint import load_checkpoint
 
         if threads:
             torch.set_num_threads(threads)
@@ -100,17 +100,17 @@ class ReferenceSide:
         self.latent_channels = self.model.cfg.ae.latent_channels
 
     def understand(self, image: np.ndarray, question: str) -> str:
-        from ..model import pipelines as P
+        from emma_export.model import pipelines as P
 
         return P.understand(self.model, self.tok, _to_model(image), question, max_new_tokens=12).text
 
     def generate(self, prompt: str, noise: np.ndarray) -> np.ndarray:
-        from ..model import pipelines as P
+        from emma_export.model import pipelines as P
 
         return _to_uint8(P.generate(self.model, self.tok, prompt, noise).image.numpy())
 
     def edit(self, image: np.ndarray, prompt: str, noise: np.ndarray) -> np.ndarray:
-        from ..model import pipelines as P
+        from emma_export.model import pipelines as P
 
         return _to_uint8(P.edit(self.model, self.tok, _to_model(image), prompt, noise).image.numpy())
 

@@ -48,10 +48,10 @@ import torch.nn.functional as F
 from emma_runtime import template
 from emma_runtime.template import Image, SpecialIds, Text
 
-from ..config import EMMAConfig, get_config
-from ..model.autoencoder import ResBlock
-from ..model.backbone import GEN, UND, full_mask
-from ..model.emma import EMMA, build_model
+from emma_export.config import EMMAConfig, get_config
+from emma_export.model.autoencoder import ResBlock
+from emma_export.model.backbone import GEN, UND, full_mask
+from emma_export.model.emma import EMMA, build_model
 from . import world
 
 
@@ -706,8 +706,8 @@ def train_joint(model: EMMA, tokenizer, s: TrainSettings, seconds: float, log: C
 def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfig | None = None, echo: Callable[[str], None] = print) -> TrainReport:
     """Train and write ``out/model.safetensors`` (fp16), ``tokenizer.json``, ``config.json`` and
     ``train.json`` (settings, step counts, loss history)."""
-    from ..tokenizer import word_merging_tokenizer
-    from ..weights.checkpoint import save_checkpoint
+    from emma_export.tokenizer import word_merging_tokenizer
+    from emma_export.weights.checkpoint import save_checkpoint
 
     s = settings or TrainSettings()
     out = Path(out)
@@ -746,6 +746,7 @@ def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfi
     save_checkpoint(model, out / "model.safetensors", dtype=torch.float16)
     tok.save(str(out / "tokenizer.json"))
     (out / "config.json").write_text(model.cfg.to_json() + "\n")
+    _write_world(out)
     rep = TrainReport(out, time.perf_counter() - t0, ae_s, joint_s, ae_steps, steps, scale, val_psnr, history, jitter,
                       dec_steps, dec_s, dec_psnr)
     (out / "train.json").write_text(
@@ -758,7 +759,7 @@ def train(out: str | Path, settings: TrainSettings | None = None, cfg: EMMAConfi
 
 
 def _load_trained(src: Path, s: TrainSettings) -> EMMA:
-    from ..weights.checkpoint import load_checkpoint
+    from emma_export.weights.checkpoint import load_checkpoint
 
     if s.threads:
         torch.set_num_threads(s.threads)
@@ -781,13 +782,21 @@ def _save_trained(model: EMMA, src: Path, folder: Path) -> None:
     """fp16 weights, and the source's tokenizer and config beside them."""
     import shutil
 
-    from ..weights.checkpoint import save_checkpoint
+    from emma_export.weights.checkpoint import save_checkpoint
 
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, folder / "model.safetensors", dtype=torch.float16)
     if src.resolve() != folder.resolve():
         for name in ("tokenizer.json", "config.json"):
             shutil.copyfile(src / name, folder / name)
+    _write_world(folder)
+
+
+def _write_world(folder: Path) -> None:
+    """The checkpoint names its world: builds calibrate on shapes and report the world's task figures."""
+    from emma_export.worlds import WORLD_FILE
+
+    (folder / WORLD_FILE).write_text(json.dumps({"world": "shapes"}) + "\n")
 
 
 def _past_records(src: Path) -> dict:
