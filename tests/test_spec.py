@@ -204,6 +204,22 @@ def test_runtime_and_reference_denoise_on_the_hand_schedule(pipe, tiny_reference
         assert _rel(lat, x) < 1e-5
 
 
+# ---- sequence layout -----------------------------------------------------------------------------------
+
+
+def test_sequence_layouts_from_the_brief(tiny_bundle):
+    """Understanding: the image, then the question, all Und; generation: the prompt, then the noisy target
+    last (so the prompt's cache serves every step); editing: [reference][instruction][noisy target]."""
+    sp = SpecialIds.from_tokenizer(Pipeline.load(tiny_bundle).tokenizer)
+    q = [97, 98]
+    assert template.understand(sp, q) == [
+        Text((sp.im_start, sp.vision_start)), Image("input", "und"), Text((sp.vision_end, 97, 98, sp.im_end, sp.assistant))]
+    assert template.generate(sp, q) == [Text((sp.im_start, 97, 98, sp.im_end, sp.vision_start)), Image("target", "gen")]
+    assert template.edit(sp, q, False) == template.generate(sp, q)  # the guidance branch without a reference
+    prefix, target = template.split_prefix(template.edit(sp, q, True, "gen"))
+    assert target == Image("target", "gen") and prefix[1] == Image("reference", "gen")
+
+
 # ---- editing: the reference image ---------------------------------------------------------------------
 
 
