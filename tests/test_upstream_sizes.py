@@ -154,6 +154,23 @@ def _perturb(src: Path, dst: Path, key_part: str) -> str:
     raise AssertionError(f"no tensor named like {key_part} in {src}")
 
 
+def _randomize(ckpt: Path, prefix: str) -> None:
+    """Replace the checkpoint's tensors whose names start with ``prefix`` by seeded random values."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    for f in sorted(ckpt.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            tensors = {k: h.get_tensor(k) for k in h.keys()}
+            meta = h.metadata()
+        hits = [k for k in tensors if k.startswith(prefix)]
+        for k in hits:
+            tensors[k] = (torch.randn(tensors[k].shape, generator=g) / tensors[k].shape[-1] ** 0.5).to(tensors[k].dtype)
+        if hits:
+            save_file(tensors, str(f), metadata=meta)
+
+
 def test_init_conformance_export_verify_for_a_size_no_named_config_has(upstream_a, tmp_path):
     from click.testing import CliRunner
 
@@ -176,8 +193,14 @@ def test_init_conformance_export_verify_for_a_size_no_named_config_has(upstream_
     rows = json.loads((tmp_path / "c.json").read_text())["rows"]
     assert len(rows) == 8 and all(row["passed"] for row in rows)
 
+    # The paper's zero Gen head predicts v = 0, under which the velocity and image comparisons prove
+    # nothing; a copy with a random Gen head (as after training) is what gets exported and verified.
+    trained = tmp_path / "ck-trained"
+    shutil.copytree(ck, trained)
+    _randomize(trained, "gen_head.proj.")
+
     bundle = tmp_path / "bundle"
-    res = r.invoke(main, ["export", "--checkpoint", str(ck), "--out", str(bundle), "--quiet"])
+    res = r.invoke(main, ["export", "--checkpoint", str(trained), "--out", str(bundle), "--quiet"])
     assert res.exit_code == 0, res.output
     assert json.loads((bundle / "manifest.json").read_text())["config_name"] == "custom-a"
     res = r.invoke(main, ["verify", "--bundle", str(bundle), "--e2e"])
@@ -186,11 +209,13 @@ def test_init_conformance_export_verify_for_a_size_no_named_config_has(upstream_
     # non-square images through the derived model: 3 x 2 tokens per image, per-step parity on every task
     from emma_export.export.source import WeightSource
 
-    model = WeightSource.from_args(None, str(ck)).full_model()
+    model = WeightSource.from_args(None, str(trained)).full_model()
+    assert model.cfg.name == "custom-a" and torch.count_nonzero(model.gen_head.proj.weight) > 0
     out = verify_pipelines(Bundle.load(bundle), model, 96, 64, max_new_tokens=4)
     for task, row in out.items():
         assert row["passed"], (task, row)
     assert out["generate"]["visual_tokens"] == 6 and out["generate"]["velocity_steps"] == 50
+    assert out["generate"]["reference_velocity_rms"] > 0.1 and out["edit"]["reference_velocity_rms"] > 0.1
 
     # one perturbed upstream weight makes conformance of the same checkpoint fail, naming what it reaches
     for folder, part, expect in (("llm", "layers.2.mlp.down_proj", "text_logits"), ("ae", "decoder.", "ae_decode")):

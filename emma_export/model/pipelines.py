@@ -111,7 +111,8 @@ def understand(
     logits = model.lm_head(prefix.last_hidden)[0].numpy()
     if trace is not None:
         trace.add_logits(logits)
-        trace.add_kv(*_cache_time_major(cache))
+        if trace.keep_kv:
+            trace.add_kv(*_cache_time_major(cache))
     out: list[int] = []
     for _ in range(max_new_tokens):
         tok = sample_token(logits, temperature, top_p, rng)
@@ -126,7 +127,8 @@ def understand(
         logits = model.lm_head(hidden[:, -1])[0].numpy()
         if trace is not None:
             trace.add_logits(logits)
-            trace.add_kv(*_cache_time_major(cache))
+            if trace.keep_kv:
+                trace.add_kv(*_cache_time_major(cache))
     return UnderstandResult(tokenizer.decode(out).strip(), out, chosen, prefix.visual_tokens)
 
 

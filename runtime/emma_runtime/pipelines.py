@@ -208,7 +208,8 @@ class Pipeline:
         logits = self.logits(hidden)
         if trace is not None:
             trace.add_logits(logits)
-            trace.add_kv(*self._cache_on_host(cache))
+            if trace.keep_kv:
+                trace.add_kv(*self._cache_on_host(cache))
         out: list[int] = []
         bar = _Progress(max_new_tokens, "decode", not self.quiet)
         for _ in range(max_new_tokens):
@@ -220,7 +221,8 @@ class Pipeline:
             logits = self.logits(hidden)
             if trace is not None:
                 trace.add_logits(logits)
-                trace.add_kv(*self._cache_on_host(cache))
+                if trace.keep_kv:
+                    trace.add_kv(*self._cache_on_host(cache))
             bar.update()
         bar.close()
         t2 = time.perf_counter()

@@ -38,6 +38,7 @@ class StepTrace:
         self.latents.append(np.array(latents, dtype=np.float32, copy=True))
 
     def add_kv(self, keys, values) -> None:
-        """keys/values (T, layers, batch, kv_heads, head_dim) on the host; row 0 is kept."""
+        """keys/values (T, layers, batch, kv_heads, head_dim) on the host; row 0 is kept. Callers check
+        ``keep_kv`` first, so an untraced cache is never copied off the device."""
         if self.keep_kv:
             self.kv.append((np.array(keys[:, :, 0], dtype=np.float32), np.array(values[:, :, 0], dtype=np.float32)))
