@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -229,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{m.name:34s} {m.layer:9s} {m.file}: {m.what}")
         return 0
 
+    def _interrupt(*_):  # a SIGTERM ends the running pytest and removes the copies, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="emma-mutants-"))
     try:
         tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
