@@ -232,15 +232,17 @@ def run_conformance(
     checkpoint: str | Path | None = None,
     config_name: str | None = None,
     seed: int = 0,
+    choices=None,
 ) -> ConformanceReport:
     """Without ``checkpoint``: initialise EMMA from the upstream folders in memory (as ``init`` does)
     and compare. With it: check that EMMA checkpoint against the upstream models (its config must
-    match the upstream configs)."""
+    match the upstream configs; a config derived by ``init`` from these upstream folders does).
+    ``choices``: EMMA's own choices for an in-memory init from upstream folders no named config fits."""
     from .init_checkpoint import init_model
     from .weights.upstream import UpstreamSet, derive_config
 
     if checkpoint is None:
-        model = init_model(llm_dir, vision_dir, ae_dir, config_name, seed)
+        model = init_model(llm_dir, vision_dir, ae_dir, config_name, seed, choices)
     else:
         from .weights.checkpoint import load_checkpoint, read_config
 

@@ -31,7 +31,7 @@ import torch
 from .config import SPECIAL_TOKENS, EMMAConfig
 from .weights.init import init_tensor
 from .weights.keymap import KeyPlan, build_plan, emma_shapes
-from .weights.upstream import TORCH_TO_ST, UpstreamError, UpstreamSet, check_tied_lm_head, resolve_config
+from .weights.upstream import TORCH_TO_ST, EmmaChoices, UpstreamError, UpstreamSet, check_tied_lm_head, resolve_config
 
 __all__ = ["DEFAULT_SHARD_BYTES", "InitReport", "ShardedSafetensorsWriter", "init_checkpoint", "init_model", "peak_rss_bytes"]
 
@@ -244,10 +244,13 @@ def init_checkpoint(
     dtype: str | None = None,
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    choices: EmmaChoices | None = None,
 ) -> InitReport:
     """Write an EMMA checkpoint folder initialised from the three upstream folders.
 
-    ``config_name``: the EMMA config the upstream configs must match (None: the first that does).
+    ``config_name``: the EMMA config the upstream configs must match (None: the first that does, else
+    one derived from the upstream configs with ``choices``, see ``weights.upstream.resolve_config``).
+    The config is written as the checkpoint's ``config.json``; every later command reads it from there.
     ``dtype``: None keeps each upstream tensor's dtype (fresh tensors fp32); "fp32"/"bf16"/"fp16" casts all.
     The folder appears atomically: it is written next to ``out_dir`` and renamed when complete.
     """
@@ -265,7 +268,7 @@ def init_checkpoint(
         raise UpstreamError(
             f"Qwen3 (--llm) folder {ups.llm.path} has no tokenizer.json; the EMMA checkpoint needs the LLM's tokenizer"
         )
-    cfg = resolve_config(ups, config_name)
+    cfg = resolve_config(ups, config_name, choices)
     tok_warnings = _check_tokenizer(tok, cfg)
     plan, shapes = _plan(ups, cfg)
     lm_head_note = check_tied_lm_head(ups.llm)
@@ -315,6 +318,7 @@ def init_model(
     ae_dir: str | Path,
     config_name: str | None = None,
     seed: int = 0,
+    choices: EmmaChoices | None = None,
 ):
     """The same initialisation as :func:`init_checkpoint`, in memory (fp32): the EMMA model
     ``load_checkpoint(init_checkpoint(...))`` returns, without writing anything."""
@@ -322,7 +326,7 @@ def init_model(
     from .weights.init import materialize
 
     ups = UpstreamSet.open(llm_dir, vision_dir, ae_dir)
-    cfg = resolve_config(ups, config_name)
+    cfg = resolve_config(ups, config_name, choices)
     plan, shapes = _plan(ups, cfg)
     check_tied_lm_head(ups.llm)
     sources = plan.sources()

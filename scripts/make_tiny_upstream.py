@@ -76,11 +76,11 @@ def dcae_config_dict(cfg: EMMAConfig) -> dict:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(cfg.ae).items()}
 
 
-def _qwen3(cfg: EMMAConfig):
+def _qwen3_from_dict(c: dict):
     import transformers
 
-    c = qwen3_config_dict(cfg)
-    theta = c.pop("rope_theta")
+    c = dict(c)
+    theta = c.pop("rope_theta", 1_000_000.0)
     hf = transformers.Qwen3Config(**c)
     # transformers >= 5 keeps RoPE settings in rope_parameters; older versions in rope_theta
     if getattr(hf, "rope_parameters", None) is not None:
@@ -88,6 +88,10 @@ def _qwen3(cfg: EMMAConfig):
     else:  # pragma: no cover - transformers 4.x
         hf.rope_theta = theta
     return transformers.Qwen3ForCausalLM, hf
+
+
+def _qwen3(cfg: EMMAConfig):
+    return _qwen3_from_dict(qwen3_config_dict(cfg))
 
 
 def _siglip(cfg: EMMAConfig):
@@ -116,33 +120,56 @@ def _scale_weights(model: torch.nn.Module, seed: int) -> None:
             p.copy_(n / math.sqrt(fan_in))
 
 
-def make_tiny_upstream(out_dir: str | Path, config_name: str = "tiny", seed: int = 0, shard_llm: bool = True) -> dict[str, Path]:
-    """Build and save random upstream models matching EMMA config ``config_name``; returns the folders."""
-    import diffusers
+def _skip_init():
+    """transformers' own random init is skipped where it can be: _scale_weights overwrites every parameter
+    (at the published widths the default init alone took most of the build time)."""
+    try:
+        from transformers.initialization import no_init_weights
 
-    cfg = get_config(config_name)
+        return no_init_weights()
+    except ImportError:  # pragma: no cover - transformers 4.x
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def make_upstream(out_dir: str | Path, qwen3: dict, siglip: dict, dcae: dict, seed: int = 0, shard_llm: bool = True) -> dict[str, Path]:
+    """Build and save random upstream models from the upstream libraries' own config dicts
+    (``Qwen3Config``, ``SiglipVisionConfig``, ``AutoencoderDC`` arguments), independent of any EMMA config."""
+    import diffusers
+    import transformers
+
     out = Path(out_dir)
     dirs = {"llm": out / "qwen3", "vision": out / "siglip", "ae": out / "dcae"}
     torch.manual_seed(seed)
 
-    cls, hf = _qwen3(cfg)
-    qwen = cls(hf).eval()
+    cls, hf = _qwen3_from_dict(qwen3)
+    with _skip_init():
+        qwen = cls(hf).eval()
     _scale_weights(qwen, seed)
-    if cfg.llm.tie_word_embeddings:
+    if hf.tie_word_embeddings:
         qwen.tie_weights()
     # Sharded with an index (a few shards for tiny), as real Qwen3 checkpoints are.
     qwen.save_pretrained(dirs["llm"], max_shard_size="300KB" if shard_llm else "50GB")
-    byte_level_tokenizer(cfg.llm.vocab_size).save(str(dirs["llm"] / "tokenizer.json"))
+    byte_level_tokenizer(hf.vocab_size).save(str(dirs["llm"] / "tokenizer.json"))
+    del qwen
 
-    cls, hf = _siglip(cfg)
-    siglip = cls(hf).eval()
-    _scale_weights(siglip, seed + 1)
-    siglip.save_pretrained(dirs["vision"])
+    with _skip_init():
+        siglip_model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**siglip)).eval()
+    _scale_weights(siglip_model, seed + 1)
+    siglip_model.save_pretrained(dirs["vision"])
+    del siglip_model
 
-    dcae = diffusers.AutoencoderDC(**dcae_config_dict(cfg)).eval()
-    _scale_weights(dcae, seed + 2)
-    dcae.save_pretrained(dirs["ae"])
+    ae = diffusers.AutoencoderDC(**dcae).eval()
+    _scale_weights(ae, seed + 2)
+    ae.save_pretrained(dirs["ae"])
     return dirs
+
+
+def make_tiny_upstream(out_dir: str | Path, config_name: str = "tiny", seed: int = 0, shard_llm: bool = True) -> dict[str, Path]:
+    """Build and save random upstream models matching EMMA config ``config_name``; returns the folders."""
+    cfg = get_config(config_name)
+    return make_upstream(out_dir, qwen3_config_dict(cfg), siglip_config_dict(cfg), dcae_config_dict(cfg), seed, shard_llm)
 
 
 # ---- synthetic (streamed) -------------------------------------------------------------------------

@@ -349,8 +349,13 @@ def test_config_mismatch_names_the_first_field(upstream, tmp_path):
         assert str(e.value).startswith(field)
     with pytest.raises(UpstreamError, match="RoPE type 'yarn'"):
         derive_config(dict(q, rope_parameters={"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0}), v, a, tiny)
-    with pytest.raises(UpstreamError, match="match no named EMMA config"):
-        resolve_config(UpstreamSet(ups.llm, ups.vision, _with_config(ups.ae, scaling_factor=0.5)))
+    # no named config fits: a config derived from the upstream configs with the paper's defaults
+    other = UpstreamSet(ups.llm, ups.vision, _with_config(ups.ae, scaling_factor=0.5))
+    derived = resolve_config(other)
+    assert derived.name == "custom" and derived.ae.scaling_factor == 0.5
+    assert derived.sampler == get_config("emma-4b").sampler and derived.llm == tiny.llm
+    with pytest.raises(ConfigMismatchError, match="ae.scaling_factor"):  # a named config must still match
+        resolve_config(other, "tiny")
 
 
 def _with_config(folder: UpstreamFolder, **changes) -> UpstreamFolder:

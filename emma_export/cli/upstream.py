@@ -28,18 +28,49 @@ def _size(text: str) -> int:
     return int(float(m.group(1)) * unit)
 
 
+def _choices(fn):
+    """EMMA's own choices for upstream folders of a size no named config has (paper defaults)."""
+    opts = [
+        click.option("--name", default=None, help="Name of a derived config (default: custom)."),
+        click.option("--shared-layers", type=click.IntRange(0), default=None, help="Shallow LLM layers with shared Q/K (default: half, as 18 + 18)."),
+        click.option("--expert-layers", type=click.IntRange(0), default=None, help="Last ViT layers per MoE expert (default: 3, a third of shallower ViTs)."),
+        click.option("--experts", "num_experts", type=click.IntRange(1, 64), default=2, show_default=True, help="Understanding experts (versatile, STEM)."),
+        click.option("--reference-branch", type=click.Choice(["gen", "und"]), default="gen", show_default=True, help="Branch of the edit reference image."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _make_choices(name, shared_layers, expert_layers, num_experts, reference_branch):
+    from ..weights.upstream import EmmaChoices
+
+    return EmmaChoices(name=name, shared_layers=shared_layers, expert_layers=expert_layers, num_experts=num_experts,
+                       reference_branch=reference_branch)
+
+
+def _describe(cfg) -> str:
+    l, v = cfg.llm, cfg.vision
+    return (f"LLM {l.hidden_size} wide, {l.shared_layers} shared + {l.decoupled_layers} decoupled layers, "
+            f"{l.num_attention_heads}/{l.num_key_value_heads} heads; ViT {v.trunk_layers} trunk + {v.expert_layers} x "
+            f"{v.num_experts} expert layers, patch {v.patch_size} x shuffle {v.shuffle}; {cfg.ae.latent_channels} latent "
+            f"channels, {cfg.cell} px per token")
+
+
 @main.command("init")
 @click.option("--llm", "llm_dir", required=True, type=_DIR, help="Qwen3 folder: config.json, safetensors (sharded ok), tokenizer.json.")
 @click.option("--vision", "vision_dir", required=True, type=_DIR, help="SigLIP folder (SiglipVisionModel or SiglipModel).")
 @click.option("--ae", "ae_dir", required=True, type=_DIR, help="DC-AE folder (diffusers AutoencoderDC).")
-@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, help="EMMA config the upstream must match (default: the one it matches).")
+@click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, help="EMMA config the upstream must match (default: the named config it matches, else one derived from the upstream).")
+@_choices
 @click.option("--out", required=True, type=click.Path(), help="EMMA checkpoint folder to write.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh tensors (adapters, router, timestep MLP).")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the fresh tensors (adapters, router, timestep MLP).")
 @click.option("--dtype", type=click.Choice(["keep", "fp32", "bf16", "fp16"]), default="keep", show_default=True, help="keep: each upstream tensor's dtype (fresh ones fp32).")
 @click.option("--shard-size", default="2GB", show_default=True, help="Largest shard (a bigger tensor gets its own).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing, non-empty --out.")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the init report as JSON.")
-def init_cmd(llm_dir, vision_dir, ae_dir, config_name, out, seed, dtype, shard_size, overwrite, json_out):
+def init_cmd(llm_dir, vision_dir, ae_dir, config_name, name, shared_layers, expert_layers, num_experts, reference_branch,
+             out, seed, dtype, shard_size, overwrite, json_out):
     """Write an EMMA checkpoint initialised from upstream Qwen3, SigLIP and DC-AE checkpoints."""
     from ..init_checkpoint import init_checkpoint
     from ..weights.keymap import KeyMapError
@@ -50,10 +81,14 @@ def init_cmd(llm_dir, vision_dir, ae_dir, config_name, out, seed, dtype, shard_s
             llm_dir, vision_dir, ae_dir, config_name, out, seed=seed, shard_bytes=_size(shard_size),
             dtype=None if dtype == "keep" else dtype, overwrite=overwrite,
             progress=lambda msg: click.echo(f"  {msg}", err=True),
+            choices=_make_choices(name, shared_layers, expert_layers, num_experts, reference_branch),
         )
     except (UpstreamError, KeyMapError, FileExistsError, OSError, ValueError) as e:
         _fail(str(e))
     p = rep.plan
+    from ..weights.checkpoint import read_config
+
+    click.echo(f"config {rep.config} ({_describe(read_config(rep.out))}), written to {Path(rep.out) / 'config.json'}")
     click.echo(f"config {rep.config}: {p['upstream_mapped']} upstream tensors -> {p['emma_from_upstream']} EMMA tensors, "
                f"{p['emma_fresh']} fresh, {p['upstream_dropped']} upstream dropped")
     for reason, n in rep.dropped.items():
@@ -73,9 +108,11 @@ def init_cmd(llm_dir, vision_dir, ae_dir, config_name, out, seed, dtype, shard_s
 @click.option("--ae", "ae_dir", required=True, type=_DIR, help="DC-AE folder.")
 @click.option("--checkpoint", type=click.Path(exists=True), default=None, help="EMMA checkpoint to check (default: initialise EMMA from the upstream in memory).")
 @click.option("--config", "config_name", type=click.Choice(list(CONFIGS)), default=None, help="EMMA config the upstream must match.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the fresh tensors (in-memory init).")
+@_choices
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True, help="Seed of the fresh tensors (in-memory init).")
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON.")
-def conformance_cmd(llm_dir, vision_dir, ae_dir, checkpoint, config_name, seed, json_out):
+def conformance_cmd(llm_dir, vision_dir, ae_dir, checkpoint, config_name, name, shared_layers, expert_layers, num_experts,
+                    reference_branch, seed, json_out):
     """Compare EMMA (Und branch + LM head, understanding encoder, autoencoder) with Qwen3, SigLIP and DC-AE."""
     from rich.console import Console
     from rich.table import Table
@@ -86,7 +123,8 @@ def conformance_cmd(llm_dir, vision_dir, ae_dir, checkpoint, config_name, seed, 
     from ..weights.upstream import UpstreamError
 
     try:
-        rep = run_conformance(llm_dir, vision_dir, ae_dir, checkpoint=checkpoint, config_name=config_name, seed=seed)
+        rep = run_conformance(llm_dir, vision_dir, ae_dir, checkpoint=checkpoint, config_name=config_name, seed=seed,
+                              choices=_make_choices(name, shared_layers, expert_layers, num_experts, reference_branch))
     except (UpstreamError, KeyMapError, CheckpointError, ImportError, OSError, ValueError) as e:
         _fail(str(e))
     source = checkpoint or "in-memory init"

@@ -18,6 +18,7 @@ import torch
 from emma_runtime import template
 from emma_runtime.sampling import sample_token, timesteps
 from emma_runtime.template import Image, SpecialIds, Text
+from emma_runtime.trace import StepTrace
 
 from .backbone import GEN, UND, KVCache, chunk_mask, full_mask
 from .emma import EMMA
@@ -100,6 +101,7 @@ def understand(
     top_p: float = 1.0,
     seed: int = 0,
     expert: int | None = None,
+    trace: StepTrace | None = None,
 ) -> UnderstandResult:
     sp = SpecialIds.from_tokenizer(tokenizer)
     segs = template.understand(sp, template.text_ids(tokenizer, prompt))
@@ -107,6 +109,10 @@ def understand(
     rng = np.random.default_rng(seed)
     cache, pos = prefix.cache, prefix.length
     logits = model.lm_head(prefix.last_hidden)[0].numpy()
+    if trace is not None:
+        trace.add_logits(logits)
+        if trace.keep_kv:
+            trace.add_kv(*_cache_time_major(cache))
     out: list[int] = []
     for _ in range(max_new_tokens):
         tok = sample_token(logits, temperature, top_p, rng)
@@ -119,7 +125,18 @@ def understand(
         cache = cache.append(new.keys, new.values)
         pos += 1
         logits = model.lm_head(hidden[:, -1])[0].numpy()
+        if trace is not None:
+            trace.add_logits(logits)
+            if trace.keep_kv:
+                trace.add_kv(*_cache_time_major(cache))
     return UnderstandResult(tokenizer.decode(out).strip(), out, chosen, prefix.visual_tokens)
+
+
+def _cache_time_major(cache: KVCache) -> tuple[np.ndarray, np.ndarray]:
+    """Per-layer (B, Hk, T, hd) -> the runtime's (T, layers, B, Hk, hd)."""
+    k = torch.stack(cache.keys, dim=0).permute(3, 0, 1, 2, 4)
+    v = torch.stack(cache.values, dim=0).permute(3, 0, 1, 2, 4)
+    return k.float().numpy(), v.float().numpy()
 
 
 @torch.no_grad()
@@ -135,7 +152,8 @@ def velocity(model: EMMA, prefix: Prefix, x: torch.Tensor, t: float) -> torch.Te
     return v.transpose(1, 2).reshape(B, C, h, w)
 
 
-def _euler(model: EMMA, prefixes: list[Prefix], weights: list[float], noise: torch.Tensor, steps: int, shift: float) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _euler(model: EMMA, prefixes: list[Prefix], weights: list[float], noise: torch.Tensor, steps: int, shift: float,
+           trace: StepTrace | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Euler flow matching; the guided velocity is sum_k weights[k] * v_k over the prefixes."""
     x = noise.clone()
     ts = timesteps(steps, shift)
@@ -144,6 +162,8 @@ def _euler(model: EMMA, prefixes: list[Prefix], weights: list[float], noise: tor
         v = sum(wk * velocity(model, p, x, float(ts[i])) for wk, p in zip(weights, prefixes))
         x = x + float(ts[i + 1] - ts[i]) * v
         traj.append(x)
+        if trace is not None:
+            trace.add_step(float(ts[i]), v.numpy(), x.numpy())
     return x, traj
 
 
@@ -154,7 +174,8 @@ def _check_noise(model: EMMA, noise: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(model: EMMA, tokenizer, prompt: str, noise, steps: int | None = None, cfg_scale: float | None = None, shift: float | None = None) -> ImageResult:
+def generate(model: EMMA, tokenizer, prompt: str, noise, steps: int | None = None, cfg_scale: float | None = None, shift: float | None = None,
+             trace: StepTrace | None = None) -> ImageResult:
     s = model.cfg.sampler
     steps, cfg_scale, shift = steps or s.steps, s.cfg if cfg_scale is None else cfg_scale, shift or s.shift
     noise = _check_noise(model, torch.as_tensor(np.asarray(noise, dtype=np.float32)))
@@ -166,7 +187,7 @@ def generate(model: EMMA, tokenizer, prompt: str, noise, steps: int | None = Non
     else:
         uncond, _ = run_prefix(model, template.split_prefix(template.generate(sp, []))[0], {}, True)
         prefixes, weights = [cond, uncond], [cfg_scale, 1.0 - cfg_scale]
-    lat, traj = _euler(model, prefixes, weights, noise, steps, shift)
+    lat, traj = _euler(model, prefixes, weights, noise, steps, shift, trace)
     L = noise.shape[2] * noise.shape[3]
     return ImageResult(model.ae.decode(lat), lat, cond.visual_tokens + L, traj)
 
@@ -182,6 +203,7 @@ def edit(
     cfg_text: float | None = None,
     cfg_image: float | None = None,
     shift: float | None = None,
+    trace: StepTrace | None = None,
 ) -> ImageResult:
     """InstructPix2Pix-style guidance over three prefixes: (reference, instruction), (reference, ""),
     ("", no reference): v = v_u + s_img (v_img - v_u) + s_txt (v_full - v_img)."""
@@ -198,6 +220,6 @@ def edit(
     img_only, _ = run_prefix(model, template.split_prefix(template.edit(sp, [], True, rb))[0], imgs, True)
     none, _ = run_prefix(model, template.split_prefix(template.edit(sp, [], False, rb))[0], imgs, True)
     weights = [s_txt, s_img - s_txt, 1.0 - s_img]
-    lat, traj = _euler(model, [full, img_only, none], weights, noise, steps, shift)
+    lat, traj = _euler(model, [full, img_only, none], weights, noise, steps, shift, trace)
     L = noise.shape[2] * noise.shape[3]
     return ImageResult(model.ae.decode(lat), lat, full.visual_tokens + L, traj)

@@ -18,7 +18,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from ..config import CONFIGS, EMMAConfig, LLMConfig, get_config
+from ..config import CONFIGS, EMMAConfig, LLMConfig, SamplerConfig, get_config
 
 __all__ = [
     "UpstreamError",
@@ -28,6 +28,8 @@ __all__ = [
     "UpstreamSet",
     "llm_config_from_qwen3",
     "derive_config",
+    "EmmaChoices",
+    "config_from_upstream",
     "resolve_config",
     "check_tied_lm_head",
 ]
@@ -363,10 +365,101 @@ def derive_config(
     return derived
 
 
-def resolve_config(ups: UpstreamSet, config_name: str | None = None) -> EMMAConfig:
-    """Derive the EMMA config from the upstream folders and check it against ``config_name``; without
-    a name, the first named config the upstream configs match (an error lists each one's first
-    differing field when none does)."""
+@dataclasses.dataclass(frozen=True)
+class EmmaChoices:
+    """EMMA's own choices, which no upstream config carries. ``None`` takes the paper's default (the
+    brief's [G] default where the paper is silent), scaled down for upstream models too small for it."""
+
+    name: str | None = None  # default "custom"
+    shared_layers: int | None = None  # shallow shared-Q/K layers; default half the Qwen3 layers (18 + 18 of 36)
+    expert_layers: int | None = None  # ViT layers per expert; default the last 3 (a third of shallower ViTs)
+    num_experts: int = 2  # versatile + STEM
+    adapter_hidden: int | None = None  # default the LLM width (LN -> Linear(fused -> LLM width) -> GELU -> Linear)
+    timestep_freq_dim: int = 256
+    reference_branch: str = "gen"
+    image_size: int | None = None  # default generation size: SigLIP's native size (a multiple of the cell)
+    max_context: int | None = None  # default min(Qwen3 max_position_embeddings, 8192)
+    sampler: SamplerConfig = SamplerConfig()
+
+    @property
+    def explicit(self) -> bool:
+        """Whether any choice differs from the defaults (then a named config is not looked for)."""
+        return self != EmmaChoices()
+
+
+def config_from_upstream(
+    llm_cfg: Mapping[str, Any], vision_cfg: Mapping[str, Any], ae_cfg: Mapping[str, Any], choices: EmmaChoices | None = None
+) -> EMMAConfig:
+    """An EMMA config for upstream Qwen3, SigLIP and DC-AE configs of any consistent size: every width,
+    depth, head count and norm from the upstream configs, EMMA's own structure from ``choices``.
+
+    Consistent means: SigLIP's patch divides the DC-AE's downsampling (the pixel shuffle factor is their
+    ratio, 2 for patch 16 and a 32x DC-AE), the Qwen3 heads are a multiple of its KV heads, and the
+    layer splits leave at least one layer on each side."""
+    from ..model.autoencoder import autoencoder_config_from_diffusers
+    from ..model.vision import vision_config_from_siglip
+
+    c = choices or EmmaChoices()
+    name = c.name or "custom"
+    from ..model.autoencoder import Autoencoder
+
+    try:
+        ae = autoencoder_config_from_diffusers(dict(ae_cfg))
+        with torch.device("meta"):  # the layout checks of the module itself (shortcut and shuffle widths)
+            Autoencoder(ae)
+    except ValueError as e:
+        raise UpstreamError(f"DC-AE config: {e}") from None
+    cell = ae.downsample_factor
+
+    v = _siglip_vision_dict(vision_cfg)
+    n_vit = int(v.get("num_hidden_layers", 12))
+    expert = c.expert_layers if c.expert_layers is not None else max(1, min(3, n_vit // 3))
+    if not 1 <= expert <= n_vit:
+        raise UpstreamError(f"expert layers {expert}: the SigLIP has {n_vit} layers (need 1 <= expert layers <= {n_vit})")
+    try:
+        vision = vision_config_from_siglip(v, n_vit - expert, expert, c.num_experts, None)
+    except ValueError as e:
+        raise UpstreamError(f"SigLIP config: {e}") from None
+    if cell % vision.patch_size:
+        raise UpstreamError(f"SigLIP patch size {vision.patch_size} does not divide the DC-AE's downsampling {cell}: "
+                            "the two encoders would not produce the same grid")
+    vision = dataclasses.replace(vision, shuffle=cell // vision.patch_size)
+
+    q = llm_cfg["text_config"] if isinstance(llm_cfg.get("text_config"), Mapping) else llm_cfg
+    n_llm = int(q.get("num_hidden_layers", 32))
+    shared = c.shared_layers if c.shared_layers is not None else n_llm // 2
+    if not 0 <= shared < n_llm:
+        raise UpstreamError(f"shared layers {shared}: the Qwen3 has {n_llm} layers (need 0 <= shared layers < {n_llm})")
+    llm = llm_config_from_qwen3(llm_cfg, shared, n_llm - shared)
+    if not llm.tie_word_embeddings:
+        raise UpstreamError("Qwen3 config: tie_word_embeddings is false; EMMA ties the LM head to the embedding")
+
+    image = c.image_size if c.image_size is not None else max(cell, vision.image_size // cell * cell)
+    cfg = EMMAConfig(
+        name=name, ae=ae, vision=vision, llm=llm, sampler=c.sampler,
+        adapter_hidden=c.adapter_hidden or llm.hidden_size,
+        timestep_freq_dim=c.timestep_freq_dim,
+        image_size=image,
+        reference_branch=c.reference_branch,
+        max_context=c.max_context or min(llm.max_position_embeddings, 8192),
+    )
+    try:
+        cfg.validate()
+        cfg.grid(image, image)
+    except ValueError as e:
+        raise UpstreamError(str(e)) from None
+    if name in CONFIGS and cfg != get_config(name):
+        raise UpstreamError(f"config name {name!r} is taken by a named EMMA config with other fields; pick another --name")
+    return cfg
+
+
+def resolve_config(ups: UpstreamSet, config_name: str | None = None, choices: EmmaChoices | None = None) -> EMMAConfig:
+    """The EMMA config of the upstream folders.
+
+    With ``config_name``: the upstream configs must match that named config (an error names the first
+    differing field). With explicit ``choices``: derived from the upstream configs with them. Otherwise
+    the first named config the upstream matches, and when none does, a config derived from the upstream
+    with the paper's defaults (:func:`config_from_upstream`)."""
     where = {
         "llm": f"Qwen3 config ({ups.llm.path / 'config.json'})",
         "vision": f"SigLIP config ({ups.vision.path / 'config.json'})",
@@ -374,14 +467,17 @@ def resolve_config(ups: UpstreamSet, config_name: str | None = None) -> EMMAConf
     }
     args = (ups.llm.config, ups.vision.config, ups.ae.config)
     if config_name is not None:
+        if choices is not None and choices.explicit:
+            raise UpstreamError(f"--config {config_name} fixes every EMMA choice; drop the layer/name options or --config")
         return derive_config(*args, get_config(config_name), where)
-    errors = []
+    if choices is not None and choices.explicit:
+        return config_from_upstream(*args, choices)
     for name in CONFIGS:
         try:
             return derive_config(*args, get_config(name), where)
-        except ConfigMismatchError as e:
-            errors.append(f"  {name}: {e.field}: expects {e.expected!r}, upstream has {e.found!r}")
-    raise UpstreamError("the upstream configs match no named EMMA config:\n" + "\n".join(errors))
+        except ConfigMismatchError:
+            continue
+    return config_from_upstream(*args, choices)
 
 
 def check_tied_lm_head(llm: UpstreamFolder, block_rows: int = 8192) -> str:

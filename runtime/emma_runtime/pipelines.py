@@ -22,6 +22,7 @@ from .kv_cache import KVCache
 from .limits import Limits, RequestError
 from .sampling import initial_noise, sample_token, timesteps
 from .template import Image, SpecialIds, Text
+from .trace import StepTrace
 
 
 class NonFiniteError(BundleError):
@@ -213,7 +214,8 @@ class Pipeline:
             raise RequestError("image array holds NaN or Inf")
         return a
 
-    def understand(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0) -> UnderstandOutput:
+    def understand(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                   trace: StepTrace | None = None) -> UnderstandOutput:
         L = self.limits
         max_new_tokens, seed = L.new_tokens(max_new_tokens), L.seed(seed)
         temperature = L.number("temperature", temperature, 0.0, L.max_temperature)
@@ -225,6 +227,10 @@ class Pipeline:
         t1 = time.perf_counter()
         rng = np.random.default_rng(seed)
         logits = self.logits(hidden)
+        if trace is not None:
+            trace.add_logits(logits)
+            if trace.keep_kv:
+                trace.add_kv(*self._cache_on_host(cache))
         out: list[int] = []
         bar = _Progress(max_new_tokens, "decode", not self.quiet)
         for _ in range(max_new_tokens):
@@ -234,6 +240,10 @@ class Pipeline:
             out.append(tok)
             hidden = self.run_chunk(cache, self.embed([tok]), "und", True)
             logits = self.logits(hidden)
+            if trace is not None:
+                trace.add_logits(logits)
+                if trace.keep_kv:
+                    trace.add_kv(*self._cache_on_host(cache))
             bar.update()
         bar.close()
         t2 = time.perf_counter()
@@ -242,7 +252,12 @@ class Pipeline:
                    "decode_per_token_s": (t2 - t1) / max(len(out), 1)}
         return UnderstandOutput(text, out, info["expert"], info["visual_tokens"], timings)
 
-    def _denoise(self, prefixes: list[tuple[KVCache, float]], noise: np.ndarray, steps: int, shift: float) -> np.ndarray:
+    def _cache_on_host(self, cache: KVCache):
+        k, v = cache.past()
+        return self.backend.to_host(k), self.backend.to_host(v)
+
+    def _denoise(self, prefixes: list[tuple[KVCache, float]], noise: np.ndarray, steps: int, shift: float,
+                 trace: StepTrace | None = None) -> np.ndarray:
         """Euler flow matching; the guided velocity is sum_k w_k v_k over the prefixes."""
         _, C, h, w = noise.shape
         L = h * w
@@ -262,8 +277,10 @@ class Pipeline:
                 hidden = self.run_chunk(cache, emb, "gen", causal=False, commit=False)
                 vs.append(self._run("gen_head", hidden_states=hidden)["velocity"])
             v = np.concatenate(vs, axis=0)  # (K, L, C), one row per prefix
-            v = np.tensordot(weights, v, axes=1)  # (L, C)
-            x = x + np.float32(ts[i + 1] - ts[i]) * v.T.reshape(1, C, h, w)
+            v = np.tensordot(weights, v, axes=1).T.reshape(1, C, h, w)  # guided velocity
+            x = x + np.float32(ts[i + 1] - ts[i]) * v
+            if trace is not None:
+                trace.add_step(float(ts[i]), v, x)
             bar.update()
         bar.close()
         return x
@@ -276,7 +293,8 @@ class Pipeline:
         return steps, shift, L.seed(seed)
 
     def generate(self, prompt: str, height: int | None = None, width: int | None = None, steps: int | None = None,
-                 cfg: float | None = None, shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None) -> ImageOutput:
+                 cfg: float | None = None, shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None,
+                 trace: StepTrace | None = None) -> ImageOutput:
         d, L = self.dims, self.limits
         H, W = L.image_size(d.default_image_size if height is None else height, d.default_image_size if width is None else width)
         steps, shift, seed = self._sampler(steps, shift, seed)
@@ -292,14 +310,14 @@ class Pipeline:
             uncond, _, _ = self.prefill(prefix([]), {}, True, h * w)
             prefixes = [(cond, cfg), (uncond, 1.0 - cfg)]
         t1 = time.perf_counter()
-        lat = self._denoise(prefixes, noise, steps, shift)
+        lat = self._denoise(prefixes, noise, steps, shift, trace)
         t2 = time.perf_counter()
         img = self.decode(lat)
         t3 = time.perf_counter()
         return ImageOutput(img, lat, h * w, {"prefill_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / steps, "decode_s": t3 - t2})
 
     def edit(self, image, prompt: str, steps: int | None = None, cfg_text: float | None = None, cfg_image: float | None = None,
-             shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None) -> ImageOutput:
+             shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None, trace: StepTrace | None = None) -> ImageOutput:
         d, L = self.dims, self.limits
         steps, shift, seed = self._sampler(steps, shift, seed)
         s_txt = L.number("cfg_text", d.cfg_text if cfg_text is None else cfg_text, -L.max_guidance, L.max_guidance)
@@ -316,7 +334,7 @@ class Pipeline:
         img_only, _, _ = self.prefill(pre([], True), images, True, h * w)
         none, _, _ = self.prefill(pre([], False), images, True, h * w)
         t1 = time.perf_counter()
-        lat = self._denoise([(full, s_txt), (img_only, s_img - s_txt), (none, 1.0 - s_img)], noise, steps, shift)
+        lat = self._denoise([(full, s_txt), (img_only, s_img - s_txt), (none, 1.0 - s_img)], noise, steps, shift, trace)
         t2 = time.perf_counter()
         out = self.decode(lat)
         t3 = time.perf_counter()
