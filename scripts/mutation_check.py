@@ -91,6 +91,10 @@ MUTANTS: list[Mutant] = [
            "cache = cache.append(new.keys, new.values)",
            "cache = cache",
            (E2E, SPEC), "the reference decodes against a stale prefix"),
+    Mutant("ref-decode-position", "reference", "emma_export/model/pipelines.py",
+           "hidden, new = model.llm(x, torch.tensor([[pos]]), UND, allow, cache)",
+           "hidden, new = model.llm(x, torch.tensor([[pos - 1]]), UND, allow, cache)",
+           (E2E, SPEC), "the reference decodes each token at the previous token's RoPE position"),
     # ---- the exported graphs (emma_export/components.py) ----
     Mutant("graph-timestep", "graph", "emma_export/components.py",
            "model.gen_adapter(und_features, latents, timestep)",
