@@ -114,8 +114,8 @@ MUTANTS: list[Mutant] = [
            'hidden = self.run_chunk(cache, self.embed([tok]), "und", True, commit=False)',
            (E2E, SPEC), "decode steps never commit their keys/values (a stale prefix)"),
     Mutant("rt-causal-target", "runtime", "runtime/emma_runtime/pipelines.py",
-           'hidden = self.run_chunk(cache, emb, "gen", causal=False, commit=False)',
-           'hidden = self.run_chunk(cache, emb, "gen", causal=True, commit=False)',
+           'hidden = self.run_chunk(cache, target, "gen", causal=False, commit=False)',
+           'hidden = self.run_chunk(cache, target, "gen", causal=True, commit=False)',
            (E2E,), "the target image's tokens attend causally"),
     Mutant("rt-causal-reference", "runtime", "runtime/emma_runtime/pipelines.py",
            'e = self.reference_embeds(images["reference"])\n'

@@ -86,7 +86,7 @@ class Pipeline:
             raise BundleError(f"{bundle.root / bundle.manifest.tokenizer[0]}: {e}") from None
         # The cache holds what the backbone graphs emit (fp32, or fp16 for a half-precision bundle).
         try:
-            kv = bundle.manifest.components["backbone_und"].tensor("new_keys")
+            kv = bundle.manifest.components[names.BACKBONE_UND].tensor("new_keys")
         except BundleError as e:
             raise BundleError(f"{bundle.root}: backbone_und: {e}") from None
         self.kv_dtype = np.dtype(kv.dtype)
@@ -117,55 +117,62 @@ class Pipeline:
         return a
 
     def embed(self, ids: list[int]) -> np.ndarray:
-        return self._run("embed_tokens", input_ids=np.asarray([ids], dtype=np.int64))["inputs_embeds"]
+        return self._run(names.EMBED_TOKENS, input_ids=np.asarray([ids], dtype=np.int64))["inputs_embeds"]
 
     def und_features(self, image: np.ndarray, expert: int | None = None) -> tuple[np.ndarray, int]:
         """Trunk, router, then only the chosen expert (expert 0 is forced for generation and editing)."""
-        out = self._run("und_trunk", pixel_values=image)
+        out = self._run(names.UND_TRUNK, pixel_values=image)
         chosen = int(np.argmax(out["router_logits"][0])) if expert is None else expert
-        feats = self._run(f"und_expert_{chosen}", trunk_hidden=out["trunk_hidden"])["und_features"]
+        feats = self._run(names.expert(chosen), trunk_hidden=out["trunk_hidden"])["und_features"]
         return feats, chosen
 
     def latents(self, image: np.ndarray) -> np.ndarray:
-        return self._run("ae_encoder", image=image)["latents"]
+        return self._run(names.AE_ENCODER, image=image)["latents"]
 
     def decode(self, latents: np.ndarray) -> np.ndarray:
         self._finite("the denoising loop (backbone_gen / gen_head)", latents)
-        return self._finite("ae_decoder", self._run("ae_decoder", latents=latents.astype(np.float32))["image"])
+        return self._finite("ae_decoder", self._run(names.AE_DECODER, latents=latents.astype(np.float32))["image"])
 
     def und_image_embeds(self, image: np.ndarray) -> tuple[np.ndarray, int]:
         feats, chosen = self.und_features(image)
-        return self._run("und_adapter", und_features=feats, latents=self.latents(image))["image_embeds"], chosen
+        return self._run(names.UND_ADAPTER, und_features=feats, latents=self.latents(image))["image_embeds"], chosen
 
     def reference_embeds(self, image: np.ndarray) -> np.ndarray:
         feats, _ = self.und_features(image, expert=0)
         lat = self.latents(image)
         if self.dims.reference_branch == "und":
-            return self._run("und_adapter", und_features=feats, latents=lat)["image_embeds"]
-        return self._run("gen_adapter", und_features=feats, latents=lat, timestep=np.zeros(1, np.float32))["image_embeds"]
+            return self._run(names.UND_ADAPTER, und_features=feats, latents=lat)["image_embeds"]
+        return self._run(names.GEN_ADAPTER, und_features=feats, latents=lat, timestep=np.zeros(1, np.float32))["image_embeds"]
 
     def target_embeds(self, x: np.ndarray, t: float) -> np.ndarray:
         # Noise has no understanding features: that slice of the fused input is zero.
         _, _, h, w = x.shape
         zeros = np.zeros((1, h, w, self.dims.und_feature_dim), np.float32)
-        return self._run("gen_adapter", und_features=zeros, latents=x, timestep=np.full(1, t, np.float32))["image_embeds"]
+        return self._run(names.GEN_ADAPTER, und_features=zeros, latents=x, timestep=np.full(1, t, np.float32))["image_embeds"]
 
     # ---- backbone -------------------------------------------------------------------------------
-    def run_chunk(self, cache: KVCache, embeds: np.ndarray, branch: str, causal: bool, commit: bool = True) -> np.ndarray:
-        """Runs S new tokens against the cache; their keys/values land in the cache's next slot."""
+    def run_chunk(self, cache: KVCache, embeds: np.ndarray, branch: str, causal: bool, commit: bool = True,
+                  chunk_valid: np.ndarray | None = None) -> np.ndarray:
+        """Runs S new tokens against the cache; their keys/values land in the cache's next slot.
+        ``chunk_valid`` (B, S): a right-padded chunk (the server's batched prefill): row b has
+        ``chunk_valid[b].sum()`` real tokens, then padding that nothing attends to and that the cache
+        marks invalid (always committed)."""
         B, S, _ = embeds.shape
         P = cache.length
         pos = cache.positions[:, None] + np.arange(S, dtype=np.int64)[None]
         inner = np.tril(np.ones((S, S), bool)) if causal else np.ones((S, S), bool)
-        mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :P], (B, S, P)), np.broadcast_to(inner, (B, S, S))], axis=2)
+        inner = np.broadcast_to(inner, (B, S, S)) if chunk_valid is None else inner[None] & chunk_valid[:, None, :]
+        mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :P], (B, S, P)), inner], axis=2)
         k_slot, v_slot = cache.slot(S)
         k_past, v_past = cache.past()
         out = self._run(
-            f"backbone_{branch}",
+            names.backbone(branch),
             outputs={"new_keys": k_slot, "new_values": v_slot},
             inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_keys=k_past, past_values=v_past,
         )
-        if commit:
+        if chunk_valid is not None:
+            cache.commit_rows(chunk_valid)
+        elif commit:
             cache.commit(S)
         return out["hidden_states"]
 
@@ -193,8 +200,14 @@ class Pipeline:
             hidden = self.run_chunk(cache, e, branch, causal)
         return cache, hidden[:, -1:], info
 
+    def velocity(self, cache: KVCache, target: np.ndarray) -> np.ndarray:
+        """The Gen head's velocity for the noisy target's tokens against each cache row's prefix (the
+        target attends to itself bidirectionally and is not committed: every step replaces it)."""
+        hidden = self.run_chunk(cache, target, "gen", causal=False, commit=False)
+        return self._run(names.GEN_HEAD, hidden_states=hidden)["velocity"]
+
     def logits(self, hidden: np.ndarray) -> np.ndarray:
-        return self._finite("lm_head (backbone_und)", self._run("lm_head", hidden_states=hidden)["logits"][0, -1])
+        return self._finite("lm_head (backbone_und)", self._run(names.LM_HEAD, hidden_states=hidden)["logits"][0, -1])
 
     # ---- tasks ----------------------------------------------------------------------------------
     def _prompt_ids(self, prompt: str) -> list[int]:
@@ -274,8 +287,7 @@ class Pipeline:
             vs = []
             for cache in caches:
                 emb = np.ascontiguousarray(np.broadcast_to(tokens, (cache.batch,) + tokens.shape[1:]))
-                hidden = self.run_chunk(cache, emb, "gen", causal=False, commit=False)
-                vs.append(self._run("gen_head", hidden_states=hidden)["velocity"])
+                vs.append(self.velocity(cache, emb))
             v = np.concatenate(vs, axis=0)  # (K, L, C), one row per prefix
             v = np.tensordot(weights, v, axes=1).T.reshape(1, C, h, w)  # guided velocity
             x = x + np.float32(ts[i + 1] - ts[i]) * v
@@ -303,12 +315,7 @@ class Pipeline:
         h, w = H // d.cell, W // d.cell
         noise = initial_noise(seed, d.latent_channels, h, w) if noise is None else noise
         t0 = time.perf_counter()
-        prefix = lambda ids: template.split_prefix(template.generate(self.special, ids))[0]
-        cond, _, _ = self.prefill(prefix(self._prompt_ids(prompt)), {}, True, h * w)
-        prefixes = [(cond, 1.0)]
-        if cfg != 1.0:
-            uncond, _, _ = self.prefill(prefix([]), {}, True, h * w)
-            prefixes = [(cond, cfg), (uncond, 1.0 - cfg)]
+        prefixes = self.generate_prefixes(prompt, h, w, cfg)
         t1 = time.perf_counter()
         lat = self._denoise(prefixes, noise, steps, shift, trace)
         t2 = time.perf_counter()
@@ -327,42 +334,18 @@ class Pipeline:
         h, w = img.shape[2] // d.cell, img.shape[3] // d.cell
         noise = initial_noise(seed, d.latent_channels, h, w) if noise is None else noise
         t0 = time.perf_counter()
-        rb = d.reference_branch
-        pre = lambda ids, ref: template.split_prefix(template.edit(self.special, ids, ref, rb))[0]
-        images = {"reference": img}
-        full, _, info = self.prefill(pre(self._prompt_ids(prompt), True), images, True, h * w)
-        img_only, _, _ = self.prefill(pre([], True), images, True, h * w)
-        none, _, _ = self.prefill(pre([], False), images, True, h * w)
+        prefixes, ref_tokens = self.edit_prefixes(img, prompt, s_txt, s_img)
         t1 = time.perf_counter()
-        lat = self._denoise([(full, s_txt), (img_only, s_img - s_txt), (none, 1.0 - s_img)], noise, steps, shift, trace)
+        lat = self._denoise(prefixes, noise, steps, shift, trace)
         t2 = time.perf_counter()
         out = self.decode(lat)
         t3 = time.perf_counter()
-        return ImageOutput(out, lat, info["visual_tokens"] + h * w,
+        return ImageOutput(out, lat, ref_tokens + h * w,
                            {"prefill_s": t1 - t0, "denoise_s": t2 - t1, "step_s": (t2 - t1) / steps, "decode_s": t3 - t2})
 
     # ---- batched steps across requests (emma_runtime.serve's scheduler) --------------------------
     # Each method runs several requests' work as one batch on the same graphs the single-request
     # tasks above use; the scheduler checks every request's inputs before it gets here.
-    def run_chunk_rows(self, cache: KVCache, embeds: np.ndarray, branch: str, causal: bool, chunk_valid: np.ndarray) -> np.ndarray:
-        """``run_chunk`` for a right-padded chunk: row b has ``chunk_valid[b].sum()`` real tokens, then
-        padding that nothing attends to and that the cache marks invalid."""
-        B, S, _ = embeds.shape
-        P = cache.length
-        pos = cache.positions[:, None] + np.arange(S, dtype=np.int64)[None]
-        inner = np.tril(np.ones((S, S), bool)) if causal else np.ones((S, S), bool)
-        inner = inner[None] & chunk_valid[:, None, :]
-        mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :P], (B, S, P)), inner], axis=2)
-        k_slot, v_slot = cache.slot(S)
-        k_past, v_past = cache.past()
-        out = self._run(
-            f"backbone_{branch}",
-            outputs={"new_keys": k_slot, "new_values": v_slot},
-            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_keys=k_past, past_values=v_past,
-        )
-        cache.commit_rows(chunk_valid)
-        return out["hidden_states"]
-
     def prefill_understand_batch(self, images: np.ndarray, prompts: list[list[int]], extra: list[int]) -> tuple[KVCache, np.ndarray, list[int]]:
         """``understand``'s prefill for B requests whose images have one size: the vision trunk,
         encoder and adapter run once on the (B, 3, H, W) batch, each row's chosen expert on its rows,
@@ -371,7 +354,7 @@ class Pipeline:
         Rows are gathered and padded on the host (a copy of small arrays; views with ONNX Runtime)."""
         B = len(prompts)
         host = self.backend.to_host
-        trunk = self._run("und_trunk", pixel_values=images)
+        trunk = self._run(names.UND_TRUNK, pixel_values=images)
         experts = [int(e) for e in np.argmax(host(trunk["router_logits"]), axis=1)]
         trunk_hidden = host(trunk["trunk_hidden"])
         feats = None
@@ -381,7 +364,7 @@ class Pipeline:
             if feats is None:
                 feats = np.empty((B,) + f.shape[1:], f.dtype)
             feats[rows] = f
-        image_embeds = host(self._run("und_adapter", und_features=feats, latents=self.latents(images))["image_embeds"])
+        image_embeds = host(self._run(names.UND_ADAPTER, und_features=feats, latents=self.latents(images))["image_embeds"])
         # The whole prefix runs as one causal chunk per row (a single request runs it as three): one
         # backbone call instead of three, measured to give the single request's tokens (docs/serving.md).
         parts = []  # per row: the prefix's embeddings, (n_i, D)
@@ -397,7 +380,7 @@ class Pipeline:
         ids = np.full((len(text_ids), width), self.special.pad, np.int64)
         for k, t in enumerate(text_ids):
             ids[k, : len(t)] = t
-        text_embeds = iter(host(self._run("embed_tokens", input_ids=ids)["inputs_embeds"]))
+        text_embeds = iter(host(self._run(names.EMBED_TOKENS, input_ids=ids)["inputs_embeds"]))
         rows = []
         for row in parts:
             rows.append(np.concatenate([e if not isinstance(e, list) else next(text_embeds)[: len(e)] for e in row], axis=0))
@@ -411,17 +394,17 @@ class Pipeline:
             embeds[i, : len(r)] = r
             valid[i, : len(r)] = True
         cache = KVCache.allocate(self.backend, self.dims, B, S + max(extra), self.kv_dtype)
-        hidden = self.run_chunk_rows(cache, embeds, "und", True, valid)
+        hidden = self.run_chunk(cache, embeds, "und", True, chunk_valid=valid)
         return cache, host(hidden)[np.arange(B), lengths - 1][:, None], experts
 
     def decode_rows(self, cache: KVCache, tokens: list[int]) -> np.ndarray:
         """One understanding decode step for every row of ``cache``: -> next-token logits (B, vocab)."""
-        emb = self._run("embed_tokens", input_ids=np.asarray(tokens, np.int64)[:, None])["inputs_embeds"]
+        emb = self._run(names.EMBED_TOKENS, input_ids=np.asarray(tokens, np.int64)[:, None])["inputs_embeds"]
         hidden = self.run_chunk(cache, emb, "und", True)
         return self.logits_rows(hidden)
 
     def logits_rows(self, hidden: np.ndarray) -> np.ndarray:
-        logits = self._run("lm_head", hidden_states=np.ascontiguousarray(self.backend.to_host(hidden)))["logits"]
+        logits = self._run(names.LM_HEAD, hidden_states=np.ascontiguousarray(self.backend.to_host(hidden)))["logits"]
         return self._finite("lm_head (backbone_und)", self.backend.to_host(logits)[:, -1])
 
     def generate_prefixes(self, prompt: str, h: int, w: int, cfg: float) -> list[tuple[KVCache, float]]:
@@ -431,7 +414,8 @@ class Pipeline:
         if cfg == 1.0:
             return [(cond, 1.0)]
         uncond, _, _ = self.prefill(prefix([]), {}, True, h * w)
-        return [(cond, cfg), (uncond, 1.0 - cfg)]
+        prefixes = [(cond, cfg), (uncond, 1.0 - cfg)]
+        return prefixes
 
     def edit_prefixes(self, img: np.ndarray, prompt: str, s_txt: float, s_img: float) -> tuple[list[tuple[KVCache, float]], int]:
         """``edit``'s three guidance prefixes with their weights, and the reference's token count."""
@@ -452,10 +436,9 @@ class Pipeline:
         R, C, h, w = xs.shape
         zeros = np.zeros((R, h, w, self.dims.und_feature_dim), np.float32)
         ts = np.array([t for _, _, t, _ in members], np.float32)
-        tokens = self.backend.to_host(self._run("gen_adapter", und_features=zeros, latents=xs, timestep=ts)["image_embeds"])
+        tokens = self.backend.to_host(self._run(names.GEN_ADAPTER, und_features=zeros, latents=xs, timestep=ts)["image_embeds"])
         emb = np.repeat(tokens, [len(wk) for _, wk, _, _ in members], axis=0)
-        hidden = self.run_chunk(cache, emb, "gen", causal=False, commit=False)
-        v_all = self.backend.to_host(self._run("gen_head", hidden_states=hidden)["velocity"])
+        v_all = self.backend.to_host(self.velocity(cache, emb))
         out, start = [], 0
         for x, wk, t, t_next in members:
             v = np.tensordot(wk, v_all[start : start + len(wk)], axes=1)
