@@ -141,7 +141,7 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
         from .quantize.calibrate import capture
 
         tok = bundle.tokenizer()
-        real = {k: v for k, v in capture(model, tok, "verify").items() if k in calibrated}
+        real = {k: v for k, v in capture(model, tok, "verify", tasks=bundle.manifest.tasks).items() if k in calibrated}
     comps = verify_components(bundle, model, progress=progress, real_feeds=real)
     failures = [
         f"{name}: rel L2 {r.rel_l2:.3g} > tolerance {r.tolerance:g} (max abs {r.max_abs:.3g})"
