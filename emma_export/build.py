@@ -56,7 +56,8 @@ class BuildReport:
     quantized_only: list[str] = field(default_factory=list)
     # bytes of the bundle's graphs and weight files on disk, a shared file (the tied embedding) once
     bundle_bytes: int = 0
-    tasks: list[str] = field(default_factory=list)
+    # a task-subset bundle's tasks (``--tasks``); empty: every task
+    bundle_tasks: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -386,8 +387,8 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
         bundle = Bundle.load(work, check_files=False)
         report = BuildReport(str(req.out), bundle.manifest.config_name, req.precision, t.name, _rows(bundle, verdict, engine_state, t),
                              verdict.e2e, verdict.e2e_passed, verdict.verify_passed, verdict.failures, seconds, details,
-                             verdict.tasks, sorted(req.only), bundle_bytes(work, bundle.manifest.components.values()),
-                             list(bundle.manifest.tasks))
+                             verdict.tasks, sorted(req.only), bundle_bytes=bundle_bytes(work, bundle.manifest.components.values()),
+                             bundle_tasks=list(bundle.manifest.tasks))
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not req.force:
             f = verdict.failures
@@ -440,7 +441,7 @@ def print_report(rep: BuildReport) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    only = f" ({', '.join(rep.tasks)} only)" if rep.tasks else ""
+    only = f" ({', '.join(rep.bundle_tasks)} only)" if rep.bundle_tasks else ""
     tab = Table(title=f"build {rep.config}{only} {rep.precision} -> {rep.target}: {rep.out}")
     for col in ("component", "precision", "size", "rel L2", "tolerance", "pass", "engine built"):
         tab.add_column(col)

@@ -22,6 +22,12 @@ What stays higher, and why (measured on tiny; see calibration/README.md and the 
 - INT8 backbone_gen keeps its SwiGLU down projections high: their input (silu(gate) * up) carries the
   outliers; on the trained shapes checkpoint the component measured rel L2 0.11 (> 0.1) with them
   quantized, 0.026 without. The Und branch and FP8 keep them quantized (within tolerance).
+- INT8 autoencoder: its EfficientViT linear-attention blocks (MatMuls of two activations) and the
+  full-resolution stage beside the pixels (encoder down_blocks.0; decoder up_blocks.1, next to the
+  edges above) stay high. Measured on small (random weights) on verify's held-out images: encoder rel
+  L2 0.161 -> 0.051, decoder 0.190 -> 0.088 (tolerance 0.1).
+- INT8 trunk at small widths (vision hidden <= 256): the attention projections and the patch
+  embedding stay high (small: rel L2 0.225 -> 0.079); real widths unmeasured, quantized.
 - The trunk's position-embedding resampling (bicubic matrices, MatMul with constants) is not
   quantized: exact interpolation weights.
 - The token embedding is a Gather: nothing to quantize; it stays at the high precision.
