@@ -134,3 +134,30 @@ def test_fp16_and_int4w_keep_the_embedding_shared(tmp_path, ext_bundle, small_ca
     assert listed["embed_tokens"] == listed["lm_head"] == [TIED_FILE]
     cfg_bytes = (b / TIED_FILE).stat().st_size
     assert cfg_bytes == (ext_bundle / TIED_FILE).stat().st_size // 2  # stored as fp16, once
+
+
+def test_int4w_external_bundle_quantizes_and_keeps_the_tie(tmp_path, ext_bundle, small_calibration):
+    """int4w: AWQ on the backbones' external-data graphs (Model Optimizer given the path with its data);
+    the LM head stays high, so the table is stored once again after conversion."""
+    import shutil
+
+    from emma_export.export.tied_embedding import TIED_FILE
+    from emma_export.quantize import quantize_bundle
+    from emma_export.quantize.calibrate import load_dir
+    from emma_export.targets import load_target
+    from emma_export.verify import verify_components
+    from emma_runtime.bundle import Bundle
+
+    b = tmp_path / "int4w"
+    shutil.copytree(ext_bundle, b)
+    quantize_bundle(b, "int4w", load_target("cpu"), load_dir(small_calibration))
+    listed = _check_files(b)
+    assert listed["embed_tokens"] == listed["lm_head"] == [TIED_FILE]
+    assert "backbone_und.onnx.data" in listed["backbone_und"]
+    g = onnx.load(str(b / "backbone_und.onnx"), load_external_data=False)
+    assert any(t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for t in g.graph.initializer)
+    bundle = Bundle.load(b)
+    from emma_export.export.source import WeightSource
+
+    res = verify_components(bundle, WeightSource.from_args("tiny", None, 0).full_model(), names=["lm_head", "embed_tokens"])
+    assert all(r.passed for r in res.values()), res
