@@ -456,6 +456,9 @@ def print_report(rep: BuildReport) -> None:
     con = Console(width=max(con.width, 132))  # the table reads badly wrapped (CI logs are 80 wide)
     con.print(tab)
     for k, v in rep.e2e.items():
+        if k == "skipped":
+            con.print(f"e2e: skipped: {v.get('reason')}")
+            continue
         fig = f"token agreement {v.get('token_agreement')}" if k == "understand" else f"PSNR {v.get('psnr_db')} dB"
         floor = "" if k == "understand" else f" (min {v.get('min_psnr_db')})"
         con.print(f"e2e {k} vs fp32 pipeline: {fig}{floor}{'' if v.get('passed') else '  [red]FAILED: ' + str(v.get('reason'))}")
