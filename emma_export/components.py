@@ -14,7 +14,8 @@ Layout decisions (the runtime relies on them):
   runtime builds it with EMMA's mask rule, so padding (batched CFG prefixes) and both chunk kinds
   (causal text, bidirectional image) need no extra graph.
 - The token embedding is a graph (a Gather) so the embedding can stay on the device; the tied LM
-  head graph holds the same matrix again (documented cost: vocab x hidden weights twice).
+  head graph reads the same matrix, stored once in the bundle (``export/tied_embedding.py``) where
+  both hold the same bytes (each session still holds its own copy in memory).
 """
 
 from __future__ import annotations
@@ -387,6 +388,12 @@ def all_components(cfg: EMMAConfig) -> list[Component]:
         AEEncoder(), AEDecoder(), UndTrunk(), *[UndExpert(i) for i in range(cfg.vision.num_experts)],
         UndAdapter(), GenAdapter(), EmbedTokens(), Backbone(UND), Backbone(GEN), LMHead(), GenHead(),
     ]
+
+
+def components_for(cfg: EMMAConfig, tasks=()) -> list[Component]:
+    """The components the runtime's pipelines for ``tasks`` run (every one when ``tasks`` is empty)."""
+    keep = set(names.required(cfg.vision.num_experts, tuple(tasks) or None, cfg.reference_branch))
+    return [c for c in all_components(cfg) if c.name in keep]
 
 
 def get_component(cfg: EMMAConfig, name: str) -> Component:

@@ -119,9 +119,26 @@ def _graph_params_cached(cfg_json: str) -> tuple[tuple[str, ParamSplit], ...]:
     return tuple(out)
 
 
-def graph_params(cfg: EMMAConfig) -> dict[str, ParamSplit]:
-    """Parameters per runtime graph (``embed_tokens`` and ``lm_head`` both hold the embedding)."""
-    return dict(_graph_params_cached(cfg.to_json()))
+def graph_params(cfg: EMMAConfig, tasks: tuple[str, ...] = ()) -> dict[str, ParamSplit]:
+    """Parameters per runtime graph (``embed_tokens`` and ``lm_head`` both hold the embedding);
+    with ``tasks``, only the graphs those tasks' pipelines run (a task-subset bundle)."""
+    from emma_runtime import names
+
+    keep = set(names.required(cfg.vision.num_experts, tuple(tasks) or None, cfg.reference_branch))
+    return {k: v for k, v in _graph_params_cached(cfg.to_json()) if k in keep}
+
+
+#: precisions whose bundles store the tied embedding once (export/tied_embedding.py): the LM head's
+#: weight is the embedding's bytes. At int8/fp8 the LM head is quantized apart; bf16 is not matched.
+TIED_ONCE = ("fp32", "fp16", "int4w")
+
+
+def shared_embedding_bytes(cfg: EMMAConfig, precision: str, tasks: tuple[str, ...] = ()) -> int:
+    """Bytes a bundle does not store twice: the embedding table, when both graphs hold it."""
+    params = graph_params(cfg, tasks)
+    if precision not in TIED_ONCE or "lm_head" not in params or "embed_tokens" not in params:
+        return 0
+    return int(math.ceil(params["embed_tokens"].bytes(precision)))
 
 
 # ---- KV cache and activations -------------------------------------------------------------------
@@ -130,16 +147,27 @@ def kv_bytes_per_el(precision: str) -> int:
     return KV_BYTES.get(precision, 2)
 
 
-def kv_rows(cfg_mode: str) -> int:
-    return 2 * GUIDANCE_ROWS if cfg_mode == "batch" else GUIDANCE_ROWS
+def guidance_rows(tasks: tuple[str, ...] = ()) -> int:
+    """Prefix caches the busiest of ``tasks`` keeps: editing 3 (text+image, image, none), generation
+    2 (prompt, empty), understanding 1 (no guidance)."""
+    if not tasks or "edit" in tasks:
+        return GUIDANCE_ROWS
+    return 2 if "generate" in tasks else 1
 
 
-def kv_cache_bytes(cfg: EMMAConfig, precision: str, context: int, cfg_mode: str = "batch") -> int:
-    return cfg.kv_bytes_per_token(kv_bytes_per_el(precision)) * context * kv_rows(cfg_mode)
+def kv_rows(cfg_mode: str, tasks: tuple[str, ...] = ()) -> int:
+    rows = guidance_rows(tasks)
+    return 2 * rows if cfg_mode == "batch" and rows > 1 else rows
 
 
-def activation_bytes(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str = "batch") -> dict[str, int]:
-    """Peak activation bytes per phase (formulas in the module docstring)."""
+def kv_cache_bytes(cfg: EMMAConfig, precision: str, context: int, cfg_mode: str = "batch", tasks: tuple[str, ...] = ()) -> int:
+    return cfg.kv_bytes_per_token(kv_bytes_per_el(precision)) * context * kv_rows(cfg_mode, tasks)
+
+
+def activation_bytes(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str = "batch",
+                     tasks: tuple[str, ...] = ()) -> dict[str, int]:
+    """Peak activation bytes per phase (formulas in the module docstring); with ``tasks``, only the
+    phases those tasks run."""
     a = 4 if precision == "fp32" else 2
     l, v, ae = cfg.llm, cfg.vision, cfg.ae
     H, F, nq, nk, hd = l.hidden_size, l.intermediate_size, l.num_attention_heads, l.num_key_value_heads, l.head_dim
@@ -149,16 +177,23 @@ def activation_bytes(cfg: EMMAConfig, precision: str, context: int, image: int, 
         return batch * S * (4 * H + 3 * F + (nq + 2 * nk) * hd) * a + batch * nq * S * T * a
 
     prefix = max(context - L, 1)
-    rows = GUIDANCE_ROWS if cfg_mode == "batch" else 1
+    rows = guidance_rows(tasks) if cfg_mode == "batch" else 1
     N = (image // v.patch_size) ** 2
     widths = ae.encoder_block_out_channels
-    return {
+    phases = {
         "prefill": backbone(1, prefix, prefix),
         "denoise_step": backbone(rows, L, context),
         "lm_head": l.vocab_size * 4,
         "vision": N * (4 * v.hidden_size + v.intermediate_size) * a + v.num_attention_heads * N * N * a,
         "autoencoder": max(3 * w * (image // 2**i) ** 2 * a for i, w in enumerate(widths)),
     }
+    if tasks:
+        images_out = "generate" in tasks or "edit" in tasks
+        images_in = "understand" in tasks or "edit" in tasks
+        drop = ({"denoise_step"} if not images_out else set()) | ({"vision"} if not images_in else set()) \
+            | ({"lm_head"} if "understand" not in tasks else set())
+        phases = {k: v for k, v in phases.items() if k not in drop}
+    return phases
 
 
 # ---- the plan -----------------------------------------------------------------------------------
@@ -188,22 +223,31 @@ class MemoryPlan:
     total: int
     variants: list[VariantFit] = field(default_factory=list)
     policy: str = ""
+    tasks: tuple[str, ...] = ()
+    # weight bytes a bundle stores once though two graphs hold them (the tied embedding)
+    stored_once: int = 0
 
     @property
     def weights_total(self) -> int:
         return sum(self.weights.values())
 
+    @property
+    def bundle_weights(self) -> int:
+        """Weight bytes of the bundle on disk (each graph's, the tied embedding once)."""
+        return self.weights_total - self.stored_once
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["weights_total"] = self.weights_total
+        d["bundle_weights"] = self.bundle_weights
         return d
 
 
-def _totals(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str):
-    params = graph_params(cfg)
+def _totals(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str, tasks: tuple[str, ...] = ()):
+    params = graph_params(cfg, tasks)
     weights = {k: int(math.ceil(s.bytes(precision))) for k, s in params.items()}
-    kv = kv_cache_bytes(cfg, precision, context, cfg_mode)
-    acts = activation_bytes(cfg, precision, context, image, cfg_mode)
+    kv = kv_cache_bytes(cfg, precision, context, cfg_mode, tasks)
+    acts = activation_bytes(cfg, precision, context, image, cfg_mode, tasks)
     peak = max(acts.values())
     return params, weights, kv, acts, peak, sum(weights.values()) + kv + peak
 
@@ -220,7 +264,7 @@ def min_context(cfg: EMMAConfig, image: int) -> int:
 
 
 def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | None = None,
-                image: int | None = None, cfg_mode: str = "batch") -> MemoryPlan:
+                image: int | None = None, cfg_mode: str = "batch", tasks: tuple[str, ...] = ()) -> MemoryPlan:
     """Weights, KV cache, activations and the fit on each of ``target``'s memory variants.
     Raises TargetError when the target cannot run ``precision``; ValueError for a context too short
     for one image."""
@@ -233,24 +277,26 @@ def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | 
     cfg.grid(image, image)  # a multiple of the cell
     if context < min_context(cfg, image):
         raise ValueError(f"--context {context} is shorter than one {image}px image ({cfg.num_visual_tokens(image, image)} tokens) plus a token")
-    params, weights, kv, acts, peak, total = _totals(cfg, precision, context, image, cfg_mode)
+    tasks = tuple(dict.fromkeys(tasks))
+    params, weights, kv, acts, peak, total = _totals(cfg, precision, context, image, cfg_mode, tasks)
     variants = []
     for mem in target.memory_gb:
         usable = mem - target.reserved_gb
         fits = total <= usable * GIB
-        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable)
+        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable, tasks)
         variants.append(VariantFit(mem, usable, fits, round(usable - total / GIB, 3), advice))
     return MemoryPlan(
         config=cfg.name, precision=precision, target=target.name, context=context, image=image, cfg_mode=cfg_mode,
         weights=weights, parameters={k: s.total for k, s in params.items()}, kv_cache=kv, activations=acts,
         activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision),
+        tasks=tasks, stored_once=shared_embedding_bytes(cfg, precision, tasks),
     )
 
 
-def _longest_context(cfg, precision, image, cfg_mode, budget, below: int) -> int | None:
+def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=()) -> int | None:
     """The longest context below ``below`` (a multiple of 256 where possible) that fits ``budget``."""
     lo_ctx = min_context(cfg, image)
-    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode)[-1] <= budget
+    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode, tasks)[-1] <= budget
     if below <= lo_ctx or not fits(lo_ctx):
         return None
     lo, hi = lo_ctx, below - 1
@@ -260,11 +306,11 @@ def _longest_context(cfg, precision, image, cfg_mode, budget, below: int) -> int
     return max(lo_ctx, (lo // 256) * 256)
 
 
-def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb) -> str:
+def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb, tasks=()) -> str:
     """What to change so the plan fits ``usable_gb``: a lower precision the target runs (the widest
     that fits), a shorter context, sequential guidance, or a combination of precision and context."""
     budget = usable_gb * GIB
-    total = lambda p, c, m=cfg_mode: _totals(cfg, p, c, image, m)[-1]
+    total = lambda p, c, m=cfg_mode: _totals(cfg, p, c, image, m, tasks)[-1]
     mine = total(precision, context)
     lower = sorted(((total(p, context), p) for p in target.precisions if p != precision), reverse=True)
     lower = [(t, p) for t, p in lower if t < mine]  # widest first
@@ -273,14 +319,14 @@ def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb) -> str:
         if t <= budget:
             options.append(f"--precision {p} ({t / GIB:.1f} GiB)")
             break
-    c = _longest_context(cfg, precision, image, cfg_mode, budget, context)
+    c = _longest_context(cfg, precision, image, cfg_mode, budget, context, tasks)
     if c is not None:
         options.append(f"--context {c} ({total(precision, c) / GIB:.1f} GiB)")
     if cfg_mode == "batch" and total(precision, context, "sequential") <= budget:
         options.append(f"--cfg-mode sequential ({total(precision, context, 'sequential') / GIB:.1f} GiB)")
     if not options:
         for _, p in lower:
-            c = _longest_context(cfg, p, image, cfg_mode, budget, context)
+            c = _longest_context(cfg, p, image, cfg_mode, budget, context, tasks)
             if c is not None:
                 options.append(f"--precision {p} --context {c} ({total(p, c) / GIB:.1f} GiB)")
                 break

@@ -31,14 +31,16 @@ def _target_names() -> list[str]:
 @click.option("--image", type=click.IntRange(1), default=None, help="Image side in pixels (default: the config's image size).")
 @click.option("--cfg-mode", type=click.Choice(["batch", "sequential"]), default="batch", show_default=True,
               help="How the runtime runs classifier-free guidance (batch keeps a stacked copy of the prefix caches).")
+@click.option("--tasks", "tasks", multiple=True, type=click.Choice(["understand", "generate", "edit"]),
+              help="Count only the components these tasks use (a task-subset bundle; repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plan(config_name, precision, target_name, context, image, cfg_mode, as_json):
+def plan(config_name, precision, target_name, context, image, cfg_mode, tasks, as_json):
     """Memory plan: weights per component, KV cache, activations, and the fit on each memory variant."""
-    from ..plan import plan_memory
+    from ..plan import kv_rows, plan_memory
 
     try:
         target = load_target(target_name)
-        p = plan_memory(get_config(config_name), precision, target, context=context, image=image, cfg_mode=cfg_mode)
+        p = plan_memory(get_config(config_name), precision, target, context=context, image=image, cfg_mode=cfg_mode, tasks=tuple(tasks))
     except (TargetError, ValueError) as e:
         _fail(str(e))
     if as_json:
@@ -47,20 +49,24 @@ def plan(config_name, precision, target_name, context, image, cfg_mode, as_json)
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"EMMA {p.config} at {p.precision} on {p.target}: memory (GiB)")
+    only = f" ({', '.join(p.tasks)} only)" if p.tasks else ""
+    t = Table(title=f"EMMA {p.config}{only} at {p.precision} on {p.target}: memory (GiB)")
     t.add_column("item")
     t.add_column("parameters", justify="right")
     t.add_column("GiB", justify="right")
     for k, b in p.weights.items():
         t.add_row(k, f"{p.parameters[k]:,}", gib(b))
     t.add_row("[bold]weights", f"{sum(p.parameters.values()):,}", f"[bold]{gib(p.weights_total)}")
-    t.add_row(f"KV cache ({p.context} tokens, {p.cfg_mode} guidance)", "", gib(p.kv_cache))
+    t.add_row(f"KV cache ({p.context} tokens, {kv_rows(p.cfg_mode, p.tasks)} rows, {p.cfg_mode} guidance)", "", gib(p.kv_cache))
     phase = max(p.activations, key=p.activations.get)
     t.add_row(f"activations (peak: {phase})", "", gib(p.activation_peak))
     t.add_row("[bold]total", "", f"[bold]{gib(p.total)}")
     con = Console()
     con.print(t)
     click.echo(f"policy: {p.policy}")
+    saved = f", the tied embedding stored once ({p.stored_once / 1e6:,.1f} MB less)" if p.stored_once else \
+        (", the tied embedding twice (the LM head is quantized apart at this precision)" if "lm_head" in p.weights else "")
+    click.echo(f"bundle on disk: {gib(p.bundle_weights)} GiB of weights ({p.bundle_weights / 1e9:.3f} GB){saved}")
     for v in p.variants:
         verdict = f"fits ({v.headroom_gb:.1f} GiB spare)" if v.fits else f"does NOT fit: {v.advice}"
         click.echo(f"{v.memory_gb:g} GB ({v.usable_gb:g} usable): {verdict}")

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
 
+from emma_runtime import names
 from emma_runtime.bundle import FORMAT_VERSION, ComponentInfo, Manifest, ModelDims, TensorInfo, sha256_file
 
-from ..components import Component, all_components
+from ..components import Component, components_for
 from ..config import EMMAConfig
 from .onnx_export import export_component
 from .out_dir import check_out, replace_dir, temp_sibling
@@ -68,10 +69,14 @@ def export_bundle(
     progress: bool = True,
     tokenizer_file: Path | None = None,
     overwrite: bool = False,
+    tasks: tuple[str, ...] = (),
 ) -> ExportReport:
+    """``tasks``: a task-subset bundle (only the components those tasks' pipelines run, and the
+    manifest says which tasks); empty: every task."""
     cfg = source.cfg
     out = check_out(out, "bundle", overwrite)
-    comps = components or all_components(cfg)
+    tasks = tuple(dict.fromkeys(tasks))
+    comps = components or components_for(cfg, tasks)
     tokenizer_file = tokenizer_file or source.tokenizer_file
     tmp = temp_sibling(out, "partial")
     seconds: dict[str, float] = {}
@@ -95,6 +100,7 @@ def export_bundle(
                 seconds[comp.name] = time.perf_counter() - t0
                 if bar:
                     bar.advance(task)
+        entries = share_tied_embedding(tmp, entries)
         tok_path = tmp / "tokenizer.json"
         if tokenizer_file is not None:
             shutil.copyfile(tokenizer_file, tok_path)
@@ -109,7 +115,7 @@ def export_bundle(
         manifest = Manifest(
             format_version=FORMAT_VERSION, config_name=cfg.name, config=cfg.to_dict(), model=model_dims(cfg),
             precision=dtype, target=target, components=entries, tokenizer=(tok_path.name, sha256_file(tok_path)),
-            weights=weights,
+            weights=weights, tasks=tasks,
         )
         (tmp / "manifest.json").write_text(manifest.to_json())
         replace_dir(tmp, out)
@@ -117,6 +123,27 @@ def export_bundle(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportReport(out, seconds)
+
+
+def share_tied_embedding(folder: Path, entries: dict[str, ComponentInfo]) -> dict[str, ComponentInfo]:
+    """The embedding table stored once for ``embed_tokens`` and ``lm_head`` when both hold the same
+    bytes (``tied_embedding.py``); their entries get the new sha256s and data files."""
+    from .tied_embedding import tie
+
+    e, h = entries.get(names.EMBED_TOKENS), entries.get(names.LM_HEAD)
+    if e is None or h is None or not tie(folder, e.file, h.file):
+        return entries
+    out = dict(entries)
+    for name, info in ((names.EMBED_TOKENS, e), (names.LM_HEAD, h)):
+        f = folder / info.file
+        out[name] = replace(info, sha256=sha256_file(f), data_files=data_files(f))
+    return out
+
+
+def bundle_bytes(folder: Path, components) -> int:
+    """Bytes the components' files take on disk, a file shared by several counted once."""
+    files = {c.file for c in components} | {f for c in components for f, _ in c.data_files}
+    return sum((folder / f).stat().st_size for f in files)
 
 
 def data_files(graph: Path) -> tuple[tuple[str, str], ...]:

@@ -13,12 +13,11 @@ import torch
 
 from ..components import Component
 from ..config import EMMAConfig
+from . import external_data
 from .source import DTYPES
 from .trt_ops import assert_supported
 
 OPSET = 19
-# Past this size the protobuf limit (2 GB) forces weights into an external data file.
-EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 
 
 def _torch_inputs(comp: Component, cfg: EMMAConfig, dtype: str) -> tuple[torch.Tensor, ...]:
@@ -34,7 +33,7 @@ def _torch_inputs(comp: Component, cfg: EMMAConfig, dtype: str) -> tuple[torch.T
 
 
 def export_component(comp: Component, cfg: EMMAConfig, model, out_file: Path, dtype: str = "fp32", optimize: bool = True) -> onnx.ModelProto | None:
-    """Writes ``out_file`` (plus ``out_file.data`` for large graphs). Returns nothing large."""
+    """Writes ``out_file`` (plus ``out_file.data`` past ``external_data.threshold()``). Returns nothing large."""
     module = comp.module(model).eval()
     args = _torch_inputs(comp, cfg, dtype)
     out_file = Path(out_file)
@@ -55,17 +54,13 @@ def export_component(comp: Component, cfg: EMMAConfig, model, out_file: Path, dt
             )
         del module
         size = sum(f.stat().st_size for f in Path(td).iterdir())
-        large = size > EXTERNAL_DATA_THRESHOLD
         m = onnx.load(str(raw), load_external_data=True)
-        if optimize and not large:
+        # onnxslim serializes the whole graph: past the protobuf limit it cannot, and the graph is
+        # written as traced (parity is checked by verify either way)
+        if optimize and size <= external_data.DEFAULT_THRESHOLD:
             m = _optimize(m)
         _name_symbolic_dims(m, comp, cfg)
-        data_name = out_file.name + ".data"
-        if large:
-            onnx.save_model(m, str(out_file), save_as_external_data=True, all_tensors_to_one_file=True,
-                            location=data_name, size_threshold=1024)
-        else:
-            onnx.save_model(m, str(out_file))
+        external_data.save_graph(m, out_file)
         del m
     onnx.checker.check_model(str(out_file), full_check=True)
     # Reject what TensorRT's parser cannot take now, naming the node, not at engine-build time.

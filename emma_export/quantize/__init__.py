@@ -10,7 +10,6 @@ end, so a failure leaves nothing that looks like a bundle.
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -39,10 +38,12 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
     """Writes the component graph ``dst`` from the fp32 graph ``src`` as ``p`` says. Returns details."""
     from . import calibrate, fp16, modelopt_driver
 
+    from ..export.external_data import copy_graph
+
     src, dst = Path(src), Path(dst)
     if p.method == "none":
         if src != dst:
-            shutil.copyfile(src, dst)
+            copy_graph(src, dst)
         return {}
     if p.method == "fp16":
         sample = calibrate.select(feeds, 8) if feeds else None
@@ -68,9 +69,13 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
     if mode == "int8" and p.reduce_range:  # the cpu target (ONNX Runtime's integer kernels)
         details["uint8_activations"] = modelopt_driver.activations_to_uint8(dst)
     if mode == "int4" and p.high_precision == "fp16":
+        from ..export.external_data import load_graph, save_graph
+
         tmp = dst.with_suffix(".fp16.onnx")
         fp16.convert_fp16(dst, tmp, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",))
-        tmp.replace(dst)
+        save_graph(load_graph(tmp), dst)  # under dst's own name, its data file named for it
+        tmp.unlink()
+        (tmp.parent / (tmp.name + ".data")).unlink(missing_ok=True)
     return details
 
 
@@ -83,7 +88,7 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
 
     from ..config import EMMAConfig
-    from ..export.bundle_writer import graph_io
+    from ..export.bundle_writer import bundle_bytes, data_files, graph_io, share_tied_embedding
     from ..export.trt_ops import check_model
 
     bundle_dir = Path(bundle_dir)
@@ -99,17 +104,19 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     entries = dict(m.components)
     policy: dict[str, str] = {}
     out: list[ComponentOutcome] = []
+    # Every graph is written to out/ and moved into the bundle only when all are done: a source
+    # graph may read a file another component's result replaces (the tied embedding).
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle_dir) as td:
+        work, done = Path(td) / "src", Path(td) / "out"
         for name, info in m.components.items():
             p = plan(name, precision, gpu, cfg)
             if only and name not in only:
                 p = plan(name, "fp16" if gpu else "fp32", gpu, cfg)
                 p = replace(p, notes=p.notes + (f"kept high: {precision} for {', '.join(sorted(only))} only",))
             t0 = time.perf_counter()
-            src = bundle.path(info.file)
-            if info.data_files:
-                raise ValueError(f"{name}: graphs with external weight data are not quantized yet (> 2 GB)")
-            tmp = Path(td) / info.file
+            src = _plain_graph(bundle.path(info.file), work / info.file)
+            tmp = done / info.file
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             details = apply_plan(p, src, tmp, (feeds or {}).get(name), calib_samples)
             if gpu:  # what TensorRT's parser cannot take is named now, not at engine-build time
                 import onnx
@@ -117,16 +124,60 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
                 issues = check_model(onnx.load(str(tmp), load_external_data=False))
                 if issues:
                     details["trt_issues"] = [str(i) for i in issues[:5]]
-            tmp.replace(src)
-            inputs, outputs = graph_io(src)
-            entries[name] = replace(info, sha256=sha256_file(src), inputs=inputs, outputs=outputs, precision=p.precision)
+            inputs, outputs = graph_io(tmp)
+            entries[name] = replace(info, inputs=inputs, outputs=outputs, precision=p.precision)
             policy[name] = p.describe()
-            o = ComponentOutcome(name, p, time.perf_counter() - t0, src.stat().st_size, details)
-            out.append(o)
-            if progress:
-                progress(o)
+            out.append(ComponentOutcome(name, p, time.perf_counter() - t0, 0, details))
+        for name in m.components:
+            f = Path(entries[name].file)
+            for rel in [f] + [f.parent / d for d in onnx_refs(done / f)]:
+                (bundle_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+                (done / rel).replace(bundle_dir / rel)
+    for name, info in entries.items():
+        g = bundle_dir / info.file
+        entries[name] = replace(info, sha256=sha256_file(g), data_files=data_files(g))
+    entries = share_tied_embedding(bundle_dir, entries)
+    _remove_unreferenced(bundle_dir, m.components.values(), entries.values())
+    for o in out:
+        o.bytes = bundle_bytes(bundle_dir, [entries[o.component]])
+        if progress:
+            progress(o)
     new = replace(m, precision=precision, target=getattr(target, "name", str(target)), components=entries, precision_policy=policy)
     tmp_manifest = bundle_dir / (MANIFEST + ".tmp")
     tmp_manifest.write_text(new.to_json())
     tmp_manifest.replace(bundle_dir / MANIFEST)
     return out
+
+
+def _plain_graph(src: Path, dst: Path) -> Path:
+    """``src`` as every conversion expects it, at ``dst``: the tied embedding untied (the quantizer
+    sees GEMM weights only as initializers) and its data beside it. The export's bytes otherwise."""
+    import onnx
+
+    from ..export.external_data import copy_graph, load_graph, save_graph
+    from ..export.tied_embedding import TIED_FILE, untie
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if TIED_FILE in onnx_refs(src):
+        m = load_graph(src)
+        untie(m)
+        save_graph(m, dst)
+    else:
+        copy_graph(src, dst)
+    return dst
+
+
+def onnx_refs(path: Path) -> list[str]:
+    from ..export.external_data import referenced_files, refs_only
+
+    return referenced_files(refs_only(path))
+
+
+def _remove_unreferenced(bundle_dir: Path, before, after) -> None:
+    """Data files the old manifest listed and the new one does not (a tied table now quantized
+    apart, a graph now small enough to hold its weights): gone, so the folder holds what it lists."""
+    keep = {f for c in after for f, _ in c.data_files} | {c.file for c in after}
+    for c in before:
+        for f, _ in c.data_files:
+            if f not in keep:
+                (bundle_dir / f).unlink(missing_ok=True)

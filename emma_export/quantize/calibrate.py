@@ -30,7 +30,7 @@ import torch
 
 from emma_runtime import names
 
-from ..components import all_components
+from ..components import all_components  # noqa: F401 - callers import it from here
 from ..config import EMMAConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -307,9 +307,11 @@ class Recipe:
         raise ValueError(f"unknown calibration recipe {name!r} (full, quick, verify)")
 
 
-def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path = PROMPTS_FILE, world=None) -> dict[str, list[Feed]]:
+def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path = PROMPTS_FILE, world=None,
+            tasks: tuple[str, ...] = ()) -> dict[str, list[Feed]]:
     """Runs the reference pipelines on the calibration corpus (the model's own ``world``'s when it has
-    one, see emma_export.worlds); returns component -> list of feeds."""
+    one, see emma_export.worlds); returns component -> list of feeds. ``tasks``: only those pipelines
+    (a task-subset bundle); empty: all of them."""
     from ..model import pipelines as ref
 
     recipe = Recipe.named(recipe) if isinstance(recipe, str) else recipe
@@ -329,8 +331,9 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
         photos = {n: load_photo(n) for n in names}
     cap = Capture(model)
     und_p, gen_p, edit_p = prompts["understand"], prompts["generate"], prompts["edit"]
+    run = lambda task: not tasks or task in tasks
     with cap.active(), torch.no_grad():
-        for i, n in enumerate(names):
+        for i, n in enumerate(names if run("understand") else []):
             H, W = sizes[i % len(sizes)]
             img = torch.from_numpy(to_model_image(photos[n], H, W))
             # Router's choice; expert 1 (STEM) forced on documents and on every third photograph,
@@ -340,12 +343,12 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
                 p = und_p[(i * recipe.understand_prompts + k) % len(und_p)]
                 ref.understand(model, tokenizer, img, p, max_new_tokens=recipe.max_new_tokens, expert=force if k == 0 else None)
             model.ae.decode(model.ae.encode(img))  # autoencode: real latents into the decoder
-        for j in range(recipe.generate_prompts):
+        for j in range(recipe.generate_prompts if run("generate") else 0):
             H, W = sizes[j % len(sizes)]
             gh, gw = cfg.grid(H, W)
             noise = torch.from_numpy(np.random.default_rng(seed0 + 1000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
             ref.generate(model, tokenizer, gen_p[j % len(gen_p)], noise)
-        for j in range(recipe.edit_prompts):
+        for j in range(recipe.edit_prompts if run("edit") else 0):
             n = names[j % len(names)]
             H, W = sizes[(j + 1) % len(sizes)]
             gh, gw = cfg.grid(H, W)
@@ -407,7 +410,9 @@ def load_dir(path: str | Path) -> dict[str, list[Feed]]:
     return {f.stem: load(f) for f in sorted(Path(path).glob("*.npz"))}
 
 
-def check_complete(cfg: EMMAConfig, feeds: dict[str, list[Feed]]) -> None:
-    missing = [c.name for c in all_components(cfg) if not feeds.get(c.name)]
+def check_complete(cfg: EMMAConfig, feeds: dict[str, list[Feed]], tasks: tuple[str, ...] = ()) -> None:
+    from ..components import components_for
+
+    missing = [c.name for c in components_for(cfg, tasks) if not feeds.get(c.name)]
     if missing:
         raise ValueError(f"calibration captured nothing for {missing}")

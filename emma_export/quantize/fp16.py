@@ -22,6 +22,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..export.external_data import PROTOBUF_LIMIT, load_graph, save_graph
+
 FP16_MAX = 65504.0
 # Headroom: an fp16 value above this has at most ~4x margin before an intermediate overflows.
 OVERFLOW_THRESHOLD = FP16_MAX / 4
@@ -37,9 +39,9 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
     """Nodes of the fp32 graph whose float inputs or outputs exceed ``threshold`` on ``feeds``."""
     import onnxruntime as ort
 
-    m = onnx.load(str(path))
+    m = load_graph(path)
     init = {i.name for i in m.graph.initializer}
-    m = onnx.shape_inference.infer_shapes(m)
+    m = onnx.shape_inference.infer_shapes(m) if m.ByteSize() < PROTOBUF_LIMIT else m
     floats = {vi.name for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)
               if vi.type.tensor_type.elem_type == TensorProto.FLOAT}
     have = {o.name for o in m.graph.output}
@@ -51,7 +53,7 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     so.log_severity_level = 3
-    sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _session(m, so)
     names = [o.name for o in sess.get_outputs()]
     input_names = {i.name for i in sess.get_inputs()}
     peak: dict[str, float] = {}
@@ -69,11 +71,25 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
     return [node.name for node in m.graph.node if hot & (set(node.input) | set(node.output))]
 
 
+def _session(m: onnx.ModelProto, so):
+    """A CPU session on ``m``; past the protobuf limit through a file with its data beside it."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    if m.ByteSize() < PROTOBUF_LIMIT:
+        return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory(prefix="emma-overflow-") as td:
+        path = Path(td) / "graph.onnx"
+        save_graph(m, path, limit=0)
+        return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[Feed] | None = None) -> dict:
     """fp16 weights and compute, float32 IO. Returns what was kept fp32 (for the manifest's policy)."""
     from onnxconverter_common import float16
 
-    m = onnx.load(str(src))
+    m = load_graph(src)
     del m.graph.value_info[:]  # stale float types would be re-typed blindly
     overflow = overflowing_nodes(src, feeds) if feeds else []
     block = set(overflow)
@@ -87,7 +103,7 @@ def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[F
     kept = sorted(n.name for n in m.graph.node if n.name in block and n.op_type != "Cast")
     m16 = float16.convert_float_to_float16(m, keep_io_types=True, op_block_list=op_block, node_block_list=sorted(block),
                                            max_finite_val=FP16_MAX, min_positive_val=2.0 ** -24)
-    onnx.save_model(m16, str(dst))
+    save_graph(m16, dst)
     return {"kept_fp32_nodes": len(kept), "overflow_nodes": overflow}
 
 
@@ -120,7 +136,7 @@ def convert_bf16_weights(src: Path, dst: Path, keep_nodes=(), min_elements: int 
     except those read by nodes matching ``keep_nodes``. Returns the number converted."""
     import ml_dtypes
 
-    m = onnx.load(str(src))
+    m = load_graph(src)
     g = m.graph
     kept = {i for node in g.node if _match(node.name, keep_nodes) for i in node.input}
     casts = []
@@ -143,7 +159,7 @@ def convert_bf16_weights(src: Path, dst: Path, keep_nodes=(), min_elements: int 
     nodes = casts + list(g.node)
     del g.node[:]
     g.node.extend(nodes)
-    onnx.save_model(m, str(dst))
+    save_graph(m, dst)
     return n
 
 
@@ -154,11 +170,11 @@ def convert_bf16_autocast(src: Path, dst: Path, keep_ops=(), keep_nodes=()) -> d
 
     from modelopt.onnx.autocast import convert_to_mixed_precision
 
-    m = onnx.load(str(src))
+    m = onnx.load(str(src), load_external_data=False)  # node names only
     names = [n.name for n in m.graph.node if _match(n.name, keep_nodes)]
     out = convert_to_mixed_precision(
         str(src), low_precision_type="bf16", nodes_to_exclude=[f"^{_re.escape(n)}$" for n in names] or None,
         op_types_to_exclude=list(keep_ops) or None, keep_io_types=True, data_max=float("inf"), init_max=float("inf"),
     )
-    onnx.save_model(out, str(dst))
+    save_graph(out, dst)
     return {"kept_fp32_nodes": len(names)}

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..export.external_data import copy_graph, has_external, load_graph, save_graph
+
 Feed = dict[str, np.ndarray]
 
 _NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16, onnx.TensorProto.INT64: np.int64,
@@ -99,11 +101,15 @@ def quantize(
     mq = _require()
     src, dst = Path(src), Path(dst)
     graph = onnx.load(str(src), load_external_data=False)
+    # A graph with external data goes in as a path with its data beside it (Model Optimizer reads
+    # and writes it that way, ``<output>_data``); its output is rewritten below by our own rule.
+    external = has_external(src)
     reader = feed_reader(feeds, graph)
     kwargs = dict(
         quantize_mode=mode, calibration_data_reader=reader, calibration_eps=["cpu"],
         nodes_to_exclude=resolve_nodes(graph, nodes_to_exclude), op_types_to_exclude=op_types_to_exclude,
         op_types_to_quantize=op_types_to_quantize, log_level="INFO" if verbose else "ERROR",
+        use_external_data_format=external,
     )
     if calibration_method:
         kwargs["calibration_method"] = calibration_method
@@ -115,20 +121,19 @@ def quantize(
     elif mode == "int4":
         # AWQ concatenates each GEMM's activations over the feeds: they must share one shape.
         reader = feed_reader(same_shape(feeds), graph)
-        kwargs.update(calibration_data_reader=reader, block_size=block_size or 128, use_external_data_format=False)
+        kwargs.update(calibration_data_reader=reader, block_size=block_size or 128)
     else:
         raise ValueError(f"unknown Model Optimizer mode {mode!r}")
     # Model Optimizer writes intermediates next to its input: work on a private copy.
     with tempfile.TemporaryDirectory(prefix="emma-modelopt-") as td:
         work = Path(td) / src.name
-        shutil.copyfile(src, work)
+        copy_graph(src, work)
         out = Path(td) / (src.stem + f".{mode}.onnx")
         with _quiet(verbose):
             mq.quantize(str(work), output_path=str(out), **kwargs)
         if not out.exists():
             raise RuntimeError(f"{src.name}: Model Optimizer wrote no {mode} graph")
-        m = onnx.load(str(out), load_external_data=True)
-        onnx.save_model(m, str(dst))
+        save_graph(load_graph(out), dst)
 
 
 def resolve_nodes(graph: onnx.ModelProto, patterns) -> list[str]:
@@ -194,7 +199,7 @@ def reduce_weight_range(path: Path, bits: int = 7) -> int:
     Returns the number of weight quantizers changed."""
     from onnx import numpy_helper
 
-    m = onnx.load(str(path))
+    m = load_graph(path)
     init = {i.name: i for i in m.graph.initializer}
     qmax = float(2 ** (bits - 1) - 1)
     done: set[str] = set()
@@ -212,7 +217,7 @@ def reduce_weight_range(path: Path, bits: int = 7) -> int:
         init[scale].CopyFrom(numpy_helper.from_array((s * (127.0 / qmax)).astype(s.dtype), scale))
         done.add(scale)
         n += 1
-    onnx.save_model(m, str(path))
+    save_graph(m, path)
     return n
 
 
@@ -223,7 +228,7 @@ def fold_weight_quantizers(path: Path) -> int:
     import ml_dtypes
     from onnx import numpy_helper
 
-    m = onnx.load(str(path))
+    m = load_graph(path)
     g = m.graph
     init = {i.name: i for i in g.initializer}
     consumers: dict[str, int] = {}
@@ -272,7 +277,7 @@ def fold_weight_quantizers(path: Path) -> int:
     live = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(live)
-    onnx.save_model(m, str(path))
+    save_graph(m, path)
     return folded
 
 
@@ -289,7 +294,7 @@ def activations_to_uint8(path: Path) -> int:
     changed."""
     from onnx import numpy_helper
 
-    m = onnx.load(str(path))
+    m = load_graph(path)
     g = m.graph
     init = {i.name: i for i in g.initializer}
     consumers: dict[str, list] = {}
@@ -319,5 +324,5 @@ def activations_to_uint8(path: Path) -> int:
     live = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(live)
-    onnx.save_model(m, str(path))
+    save_graph(m, path)
     return n

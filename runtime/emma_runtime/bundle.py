@@ -264,6 +264,11 @@ class Manifest:
     precision_policy: dict[str, str] = field(default_factory=dict)
     weights: dict[str, Any] = field(default_factory=dict)  # where the weights came from: seed or checkpoint
     created_by: str = "emma-export"
+    # a task-subset bundle: the tasks it was built for (names.TASKS); empty: every task
+    tasks: tuple[str, ...] = ()
+
+    def serves(self, task: str) -> bool:
+        return not self.tasks or task in self.tasks
 
     def to_json(self) -> str:
         return json.dumps(
@@ -279,6 +284,7 @@ class Manifest:
                 "tokenizer": {"file": self.tokenizer[0], "sha256": self.tokenizer[1]},
                 "components": {k: v.to_dict() for k, v in self.components.items()},
                 "created_by": self.created_by,
+                "tasks": list(self.tasks),
             },
             indent=2,
         )
@@ -298,6 +304,9 @@ class Manifest:
         comps = f.obj("components")
         tok = _Fields(f.obj("tokenizer"), f"{source}: tokenizer")
         policy = f.obj("precision_policy", default={})
+        tasks = f.list("tasks", default=[])
+        if not all(isinstance(t, str) and t in names.TASKS for t in tasks) or len(set(tasks)) != len(tasks):
+            raise BundleError(f"{source}: tasks must be distinct names from {', '.join(names.TASKS)}, got {tasks!r}")
         if not all(isinstance(v, str) for v in policy.values()):
             raise BundleError(f"{source}: precision_policy values must be strings")
         return cls(
@@ -312,6 +321,7 @@ class Manifest:
             precision_policy=policy,
             weights=f.obj("weights", default={}),
             created_by=f.str("created_by", default=""),
+            tasks=tuple(tasks),
         )
 
     def files(self) -> list[tuple[str, str]]:
@@ -404,6 +414,12 @@ class Bundle:
             data[file[len(folder) + 1:] if folder else file] = self.read(file, digest)
         return Graph(bytes(self.read(info.file, info.sha256)), data)
 
+    def require_task(self, task: str) -> None:
+        """One line when the bundle was built without ``task``'s components (``--tasks``)."""
+        if not self.manifest.serves(task):
+            raise BundleError(f"{self.root}: this bundle was built for {', '.join(self.manifest.tasks)} only, not {task} "
+                              f"(rebuild with --tasks {task})")
+
     def engine(self, component: str) -> bytearray:
         info = self.manifest.components[component]
         if info.engine is None:
@@ -437,9 +453,10 @@ class Bundle:
         except UnsafePathError as e:
             raise BundleError(f"{e} (not an EMMA bundle)" if "missing" in str(e) else str(e)) from None
         manifest = Manifest.from_json(bytes(text), str(root / MANIFEST))
-        for name in names.required(manifest.model.num_experts):
+        for name in names.required(manifest.model.num_experts, manifest.tasks, manifest.model.reference_branch):
             if name not in manifest.components:
-                raise BundleError(f"{root / MANIFEST}: component '{name}' is missing")
+                why = f" (its tasks: {', '.join(manifest.tasks)})" if manifest.tasks else ""
+                raise BundleError(f"{root / MANIFEST}: component '{name}' is missing{why}")
         bundle = cls(root, manifest)
         for file, _ in manifest.files():
             bundle.path(file)

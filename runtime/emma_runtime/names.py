@@ -35,6 +35,36 @@ def backbone(branch: str) -> str:
     return {"und": BACKBONE_UND, "gen": BACKBONE_GEN}[branch]
 
 
-def required(num_experts: int) -> tuple[str, ...]:
-    """Every component a bundle of a model with ``num_experts`` experts must have."""
-    return FIXED + tuple(expert(i) for i in range(num_experts))
+UNDERSTAND, GENERATE, EDIT = "understand", "generate", "edit"
+TASKS = (UNDERSTAND, GENERATE, EDIT)
+
+
+def for_task(task: str, num_experts: int, reference_branch: str = "gen") -> tuple[str, ...]:
+    """The components the runtime's ``task`` pipeline runs (pipelines.py), in registry order.
+
+    understand: the image through the trunk, the router's expert (any of them), the autoencoder's
+    latents and the Und adapter; text through the embedding; the Und backbone; the LM head.
+    generate: the prompt (embedding, Und backbone), then the denoising loop (Gen adapter on the noisy
+    latents, Gen backbone, Gen head) and the decoder. edit: generate's, plus the reference image
+    through the trunk, expert 0 (forced), the encoder and the adapter of ``reference_branch``."""
+    text = {EMBED_TOKENS, BACKBONE_UND}
+    denoise = {BACKBONE_GEN, GEN_ADAPTER, GEN_HEAD, AE_DECODER}
+    if task == UNDERSTAND:
+        need = text | {UND_TRUNK, AE_ENCODER, UND_ADAPTER, LM_HEAD} | {expert(i) for i in range(num_experts)}
+    elif task == GENERATE:
+        need = text | denoise
+    elif task == EDIT:
+        need = text | denoise | {UND_TRUNK, expert(0), AE_ENCODER, UND_ADAPTER if reference_branch == "und" else GEN_ADAPTER}
+    else:
+        raise ValueError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+    return tuple(n for n in required(num_experts) if n in need)
+
+
+def required(num_experts: int, tasks: tuple[str, ...] | None = None, reference_branch: str = "gen") -> tuple[str, ...]:
+    """Every component a bundle of a model with ``num_experts`` experts must have; with ``tasks``
+    (a task-subset bundle), those its tasks' pipelines run."""
+    every = FIXED + tuple(expert(i) for i in range(num_experts))
+    if not tasks:
+        return every
+    need = {n for t in tasks for n in for_task(t, num_experts, reference_branch)}
+    return tuple(n for n in every if n in need)

@@ -229,6 +229,7 @@ class Pipeline:
 
     def understand(self, image, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                    trace: StepTrace | None = None) -> UnderstandOutput:
+        self.bundle.require_task("understand")
         L = self.limits
         max_new_tokens, seed = L.new_tokens(max_new_tokens), L.seed(seed)
         temperature = L.number("temperature", temperature, 0.0, L.max_temperature)
@@ -307,6 +308,7 @@ class Pipeline:
     def generate(self, prompt: str, height: int | None = None, width: int | None = None, steps: int | None = None,
                  cfg: float | None = None, shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None,
                  trace: StepTrace | None = None) -> ImageOutput:
+        self.bundle.require_task("generate")
         d, L = self.dims, self.limits
         H, W = L.image_size(d.default_image_size if height is None else height, d.default_image_size if width is None else width)
         steps, shift, seed = self._sampler(steps, shift, seed)
@@ -325,6 +327,7 @@ class Pipeline:
 
     def edit(self, image, prompt: str, steps: int | None = None, cfg_text: float | None = None, cfg_image: float | None = None,
              shift: float | None = None, seed: int = 0, noise: np.ndarray | None = None, trace: StepTrace | None = None) -> ImageOutput:
+        self.bundle.require_task("edit")
         d, L = self.dims, self.limits
         steps, shift, seed = self._sampler(steps, shift, seed)
         s_txt = L.number("cfg_text", d.cfg_text if cfg_text is None else cfg_text, -L.max_guidance, L.max_guidance)

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# EMMA-4B end to end (issue 23): synthetic emma-4b-sized upstream folders (Qwen3, SigLIP, DC-AE; random
+# tensors streamed into sharded safetensors, scripts/make_tiny_upstream.py --synthetic), `emma-export
+# init` into an EMMA checkpoint, then the two builds the issue asks for, each under /usr/bin/time -v:
+#
+#   emma-export build --config emma-4b --checkpoint CKPT --precision fp8   --target h100        --out B
+#   emma-export build --config emma-4b --checkpoint CKPT --precision int4w --target jetson-orin --out B
+#
+# and the table (scripts/scale_table.py): per-stage wall time, peak RSS, bundle bytes against `plan`,
+# worst component error, engines. Hours of CPU and up to 20 GiB of RAM: not for a shared machine.
+#
+#   bash scripts/emma4b.sh                    # emma-4b, into out/emma4b
+#   bash scripts/emma4b.sh --dry-run          # print every command, run nothing
+#   bash scripts/emma4b.sh --config tiny      # the same steps on a small config (minutes)
+#   EMMA4B_OUT=/big/disk bash scripts/emma4b.sh   # where to write (emma-4b needs ~80 GB of disk)
+#
+# Extra build flags go through EMMA4B_BUILD_FLAGS (e.g. "--recipe quick --calib-samples 16").
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CONFIG=emma-4b
+DRY=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) DRY=1 ;;
+    --config) CONFIG="$2"; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument '$1' (--dry-run, --config NAME)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+OUT="${EMMA4B_OUT:-out/emma4b}/$CONFIG"
+PY="${PYTHON:-python}"
+if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
+export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}"
+EXPORT=("$PY" -c "from emma_export.cli import main; main()")
+TIME=/usr/bin/time
+BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:-})
+
+run() {  # echo, then run unless --dry-run
+  printf '+'; printf ' %q' "$@"; printf '\n'
+  if [ "$DRY" = 0 ]; then "$@"; fi
+}
+
+if [ "$DRY" = 0 ] && [ ! -x "$TIME" ]; then
+  echo "error: $TIME is missing (apt-get install time): the peak RSS comes from it" >&2
+  exit 2
+fi
+run mkdir -p "$OUT"
+
+# 1. upstream folders shaped for $CONFIG (streamed: little memory) and the EMMA checkpoint from them
+if [ ! -f "$OUT/upstream/qwen3/config.json" ]; then
+  run "$TIME" -v -o "$OUT/time-upstream.txt" "$PY" scripts/make_tiny_upstream.py "$OUT/upstream" --config "$CONFIG" --synthetic
+fi
+if [ ! -d "$OUT/checkpoint" ]; then
+  run "$TIME" -v -o "$OUT/time-init.txt" "${EXPORT[@]}" init --llm "$OUT/upstream/qwen3" --vision "$OUT/upstream/siglip" \
+    --ae "$OUT/upstream/dcae" --config "$CONFIG" --out "$OUT/checkpoint" --json "$OUT/init.json"
+fi
+
+# 2. the two builds, each with its plan (the weight estimate the bundle is held to)
+build() {  # precision target
+  local p="$1" t="$2" d="$OUT/$1-$2"
+  run mkdir -p "$d"
+  if [ "$DRY" = 0 ]; then
+    "${EXPORT[@]}" plan --config "$CONFIG" --precision "$p" --target "$t" --json > "$d/plan.json"
+  else
+    printf '+ %s plan --config %s --precision %s --target %s --json > %s\n' "emma-export" "$CONFIG" "$p" "$t" "$d/plan.json"
+  fi
+  # --force: a failed verify still leaves the bundle and its report, so the table shows what failed
+  run "$TIME" -v -o "$d/time.txt" "${EXPORT[@]}" build --config "$CONFIG" --checkpoint "$OUT/checkpoint" \
+    --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet "${BUILD_FLAGS[@]}" \
+    || echo "build $p $t exited $? (see $d/time.txt)"
+}
+build fp8 h100
+build int4w jetson-orin
+
+# 3. the table
+run "$PY" scripts/scale_table.py "$OUT/fp8-h100" "$OUT/int4w-jetson-orin"
+if [ "$DRY" = 0 ]; then
+  for f in "$OUT"/time-*.txt; do
+    [ -f "$f" ] && echo "$(basename "$f" .txt): $(grep -E 'Maximum resident|Elapsed' "$f" | tr -s ' ' | tr '\n' ' ')"
+  done
+fi
