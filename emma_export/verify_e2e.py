@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from emma_runtime.backends import make_backend
+from emma_runtime.images import psnr
 from emma_runtime.bundle import Bundle
 from emma_runtime.pipelines import Pipeline
 from emma_runtime.sampling import initial_noise
@@ -50,12 +51,9 @@ PROMPT_GENERATE = "a red circle left of a blue square"
 PROMPT_EDIT = "make the circle green"
 
 
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two images in [-1, 1], on the [0, 1] scale a viewer sees."""
-    a01 = np.clip((a.astype(np.float64) + 1) / 2, 0, 1)
-    b01 = np.clip((b.astype(np.float64) + 1) / 2, 0, 1)
-    mse = float(np.mean((a01 - b01) ** 2))
-    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+def image_psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of two model images in [-1, 1], on the [0, 1] scale a viewer sees."""
+    return psnr(np.clip((a.astype(np.float64) + 1) / 2, 0, 1), np.clip((b.astype(np.float64) + 1) / 2, 0, 1), peak=1.0)
 
 
 def test_image(height: int, width: int) -> np.ndarray:
@@ -147,7 +145,7 @@ def understand_parity(pipe: Pipeline, model, image: np.ndarray, prompt: str, flo
 
 def _image_parity(run_out, run_trace: StepTrace, ref_out, ref_trace: StepTrace, floor: dict[str, float],
                   expected_visual_tokens: int) -> dict:
-    p = float(psnr(run_out.image, ref_out.image.numpy()))
+    p = float(image_psnr(run_out.image, ref_out.image.numpy()))
     vel = compare_steps(run_trace.velocities, ref_trace.velocities)
     lat = rel_l2(run_out.latents, ref_out.latents.numpy())
     reasons = []

@@ -24,6 +24,7 @@ from typing import Callable
 
 import numpy as np
 
+from emma_runtime.images import psnr_from_mse
 from emma_runtime.images import to_model as _to_model
 from emma_runtime.images import to_uint8 as _to_uint8
 
@@ -42,10 +43,8 @@ def _mse(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> tuple[
 
 
 def _psnr_from(sse: float, count: int, cap: float = 100.0) -> float:
-    if count == 0:
-        return float("nan")
-    mse = sse / count
-    return cap if mse <= 255.0**2 * 10 ** (-cap / 10) else 10.0 * math.log10(255.0**2 / mse)
+    """PSNR of pooled squared errors (uint8 scale), capped so identical images average."""
+    return float("nan") if count == 0 else psnr_from_mse(sse / count, 255.0, cap)
 
 
 def changed_mask(src: world.Scene, tgt: world.Scene, margin: int = 2) -> np.ndarray:

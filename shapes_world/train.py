@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from emma_runtime import template
+from emma_runtime.images import psnr
 from emma_runtime.template import Image, SpecialIds, Text
 
 from emma_export.config import EMMAConfig, get_config
@@ -178,13 +179,6 @@ def shifted(scene: world.Scene, px: int, rng: np.random.Generator) -> world.Scen
     return dataclasses.replace(scene, shapes=tuple(shapes))
 
 
-def psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """PSNR in dB of two uint8 images (optionally over a (H, W) boolean mask)."""
-    d = a.astype(np.float64) - b.astype(np.float64)
-    if mask is not None:
-        d = d[mask]
-    mse = float(np.mean(d * d)) if d.size else 0.0
-    return 100.0 if mse <= 1e-10 else 10.0 * math.log10(255.0**2 / mse)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -376,7 +370,7 @@ def measure_latents(model: EMMA, seed: int, n: int = 256) -> tuple[float, float]
     x = to_tensor([e.image for e in val])
     y = model.ae.decoder(model.ae.encoder(x))
     a, b = to_uint8(x), to_uint8(y)
-    return scale, float(np.mean([psnr(a[i], b[i]) for i in range(len(val))]))
+    return scale, float(np.mean([psnr(a[i], b[i], cap=100.0) for i in range(len(val))]))
 
 
 @torch.no_grad()

@@ -95,7 +95,7 @@ def test_one_home_for_shared_ideas():
                     if isinstance(t, ast.Name) and t.id.isupper():
                         defs.setdefault(t.id, []).append(str(f.relative_to(ROOT)))
     for name in ("_fail", "fail", "_gib", "gib", "PRECISIONS", "QUANTIZED", "TOLERANCE", "MIN_COMPUTE_CAPABILITY",
-                 "text_ids", "check_out", "replace_dir", "confined", "RequestError", "BundleError"):
+                 "text_ids", "check_out", "replace_dir", "confined", "RequestError", "BundleError", "psnr"):
         assert len(defs.get(name, [])) <= 1, f"{name} is defined in {defs[name]}"
     for name in ("Precision", "Limits", "BuildRequest", "WeightSource"):
         assert len(defs.get(name, [])) == 1, f"{name}: {defs.get(name)}"

@@ -3,8 +3,6 @@ package (one module per family of commands, each importing ``main`` from here: n
 
 from __future__ import annotations
 
-import json
-import sys
 
 import click
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import click
 
@@ -27,8 +26,6 @@ from .app import main
 @click.option("--quiet", is_flag=True)
 def export_cmd(config_name, checkpoint, dtype, seed, only, tasks, out, overwrite, quiet):
     """Export every EMMA component to ONNX and write a bundle with manifest.json."""
-    import time
-    from pathlib import Path
 
     from ..components import components_for
     from ..export.bundle_writer import export_bundle

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,6 @@ from .app import main
 @click.option("--checkpoint", type=click.Path(exists=True), default=None, help="Reference weights (default: the bundle's source).")
 def verify(bundle_dir, json_out, e2e, checkpoint):
     """Compare every component (and with --e2e every pipeline) of a bundle with the PyTorch reference."""
-    from pathlib import Path
 
     from rich.console import Console
     from rich.table import Table

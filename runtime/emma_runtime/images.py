@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -74,6 +75,24 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
 def to_pil(image: np.ndarray) -> Image.Image:
     """(1, 3, H, W) in [-1, 1] -> an RGB PIL image."""
     return Image.fromarray(to_uint8(image))
+
+
+def psnr_from_mse(mse: float, peak: float = 255.0, cap: float | None = None) -> float:
+    """PSNR in dB of a mean squared error on a scale whose maximum is ``peak``; identical images give
+    ``cap`` when one is set (a figure to average), else infinity."""
+    if mse <= 0:
+        return float("inf") if cap is None else float(cap)
+    v = 10.0 * math.log10(peak * peak / mse)
+    return v if cap is None else min(v, float(cap))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, peak: float = 255.0, mask: np.ndarray | None = None, cap: float | None = None) -> float:
+    """PSNR in dB of two images on a scale whose maximum is ``peak`` (255 for uint8, 1 for [0, 1]),
+    optionally over a (H, W) boolean ``mask``."""
+    d = a.astype(np.float64) - b.astype(np.float64)
+    if mask is not None:
+        d = d[mask]
+    return psnr_from_mse(float(np.mean(d * d)) if d.size else 0.0, peak, cap)
 
 
 def check_input(path: str | Path) -> Path:
