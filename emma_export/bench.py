@@ -129,8 +129,7 @@ class _RuntimeSide:
     def __init__(self, bundle_dir, cfg_mode="batch"):
         from emma_runtime.pipelines import Pipeline
 
-        self.p = Pipeline.load(bundle_dir, cfg_mode=cfg_mode)
-        self.p.warmup()
+        self.p = Pipeline.load(bundle_dir, cfg_mode=cfg_mode)  # opens every session
 
     def understand_prefill(self, image):
         from emma_runtime import template

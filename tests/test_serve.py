@@ -57,7 +57,6 @@ def examples():
 def pipe(serve_bundle):
     """The single-request reference: the same bundle run one request at a time, in process."""
     p = Pipeline.load(serve_bundle)
-    p.warmup()
     return p
 
 

@@ -103,9 +103,6 @@ class Pipeline:
     def session(self, name: str):
         return self._sessions[name]
 
-    def warmup(self) -> None:
-        """Sessions open when the pipeline is made; kept for callers that time a warm start."""
-
     # ---- components -----------------------------------------------------------------------------
     def _run(self, name: str, outputs=None, **inputs):
         return self.session(name).run(inputs, outputs)

@@ -29,7 +29,6 @@ def build(settings: Settings):
     from .app import create_app
 
     p = Pipeline.load(settings.bundle, backend=settings.backend, provider=settings.provider, quiet=True)
-    p.warmup()
     scheduler = Scheduler(p, settings.max_batch, settings.max_queue, exact_images=settings.exact_images).start()
     return create_app(scheduler, settings.limits), scheduler
 
