@@ -153,20 +153,21 @@ class _RuntimeSide:
         d = self.p.dims
         cache = KVCache.allocate(self.p.backend, d, 1, ctx + 1, self.p.kv_dtype)
         rng = np.random.default_rng(0)
-        cache.keys[:ctx] = rng.standard_normal(cache.keys[:ctx].shape)
-        cache.values[:ctx] = 0.05 * rng.standard_normal(cache.values[:ctx].shape)
+        for k, v in zip(cache.keys, cache.values):
+            k[:, :, :ctx] = rng.standard_normal(k[:, :, :ctx].shape)
+            v[:, :, :ctx] = 0.05 * rng.standard_normal(v[:, :, :ctx].shape)
         cache.commit(ctx)
         emb = self.p.embed([65])
 
-        def step():
-            h = self.p.run_chunk(cache, emb, "und", True, commit=False)
+        def step():  # a real step (its key/value written at position ctx), then the cache back to ctx
+            h = self.p.run_chunk(cache, emb, "und", True)
+            cache.lengths = np.full(1, ctx, np.int64)
             return self.p.logits(h)
 
         return step
 
     def denoise_step_at(self, px: int):
         from emma_runtime import template
-        from emma_runtime.kv_cache import KVCache
 
         d = self.p.dims
         h = w = px // d.cell

@@ -159,6 +159,8 @@ class BuildRequest:
     world: str | None = "auto"
     # a task-subset bundle (names.TASKS): export, calibration and verify cover only those tasks' components
     tasks: tuple[str, ...] = ()
+    # the Und backbone's flavour ("standard" or "gqa"); None: the target's (bundle_writer.default_attention)
+    attention: str | None = None
 
 
 @dataclass
@@ -184,6 +186,16 @@ def build(*, echo: Callable[[str], None] = print, **kw) -> BuildReport:
     if req.tasks and req.source_bundle is not None:
         raise BuildError("--tasks chooses what to export; a source bundle already has its components")
     t = resolve_target(req.target, req.precision)  # before any work
+    if req.source_bundle is not None and t.flavour != "ort":
+        from emma_runtime.bundle import Bundle
+
+        fused = [n for n, c in Bundle.load(req.source_bundle, check_files=False).manifest.components.items() if c.attention != "standard"]
+        if fused:
+            raise BuildError(f"{req.source_bundle}: {', '.join(fused)} is ONNX Runtime's fused graph, which TensorRT does not parse: "
+                             f"start from `emma-export export --attention standard` for {t.name}")
+    if req.attention == "gqa" and t.flavour != "ort":
+        raise BuildError(f"--attention gqa is ONNX Runtime's fused graph, for ONNX Runtime targets (not {t.name}): "
+                         f"use --attention standard")
     req = replace(req, out=check_out(req.out, "bundle", req.overwrite), world=_world_spec(req))
     if req.only:
         _check_components(req.only, req.precision, req.config_name, req.checkpoint, req.source_bundle)
@@ -287,14 +299,15 @@ def stage_export(req: BuildRequest, t, work: Path):
         Bundle.load(req.source_bundle)  # checksums before anything is copied
         shutil.copytree(req.source_bundle, work)
     else:
-        from .export.bundle_writer import export_bundle
+        from .export.bundle_writer import default_attention, export_bundle
         from .export.source import WeightSource
 
         try:
             src = WeightSource.from_args(req.config_name, req.checkpoint, req.seed)
         except (ValueError, OSError) as e:
             raise BuildError(str(e)) from None
-        export_bundle(src, work, target=t.name, progress=req.progress, tasks=req.tasks)
+        export_bundle(src, work, target=t.name, progress=req.progress, tasks=req.tasks,
+                      attention=req.attention or default_attention(src.cfg, t.name, req.precision))
     return Bundle.load(work)
 
 

@@ -6,13 +6,16 @@ is named and shaped in exactly one place.
 
 Layout decisions (the runtime relies on them):
 - Images are NCHW float in [-1, 1]; latents are the autoencoder's *scaled* latents (B, C, h, w).
-- The KV cache is time-major and stacked over layers: ``(past, layers, batch, kv_heads, head_dim)``.
-  A prefix ``cache[:P]`` and the slot of the next chunk ``cache[P:P+S]`` are contiguous for any
-  batch, so the runtime binds views of one preallocated buffer as the graph's past input and as its
-  ``new_keys``/``new_values`` outputs: no step copies the cache.
-- The backbone graphs take an explicit boolean ``attention_mask`` (batch, seq, past + seq): the
-  runtime builds it with EMMA's mask rule, so padding (batched CFG prefixes) and both chunk kinds
-  (causal text, bidirectional image) need no extra graph.
+- The KV cache is layer-major and, per layer, batch-major: ``(batch, kv_heads, capacity, head_dim)``,
+  each row's positions left-aligned (a row's length is how many it holds). Every layer's keys and
+  values are their own graph input (``past_key_i``), a whole per-layer buffer, so no graph splits,
+  transposes or copies the past. Standard graphs emit the chunk's keys/values (``new_key_i``, the
+  runtime writes them at each row's length); ``gqa`` graphs (ONNX Runtime's GroupQueryAttention, the
+  fused flavour for ONNX Runtime targets) write them into the bound buffer themselves.
+- Standard backbone graphs take an explicit boolean ``attention_mask`` (batch, seq, past + seq): the
+  runtime builds it with EMMA's mask rule, so padding and both chunk kinds (causal text,
+  bidirectional image) need no extra graph. A ``gqa`` graph is causal by construction and takes each
+  row's length instead (``seqlens_k``): it is built only for a branch whose chunks are all causal.
 - The token embedding is a graph (a Gather) so the embedding can stay on the device; the tied LM
   head graph reads the same matrix, stored once in the bundle (``export/tied_embedding.py``) where
   both hold the same bytes (each session still holds its own copy in memory).
@@ -93,6 +96,8 @@ class Component:
                 out[spec.name] = rng.integers(0, cfg.llm.vocab_size, size=shape).astype(np.int64)
             elif spec.dtype == "bool":
                 out[spec.name] = np.ones(shape, dtype=bool)
+            elif spec.dtype == "int32":
+                out[spec.name] = np.zeros(shape, dtype=np.int32)
         return out
 
     def dynamic_axes(self, cfg: EMMAConfig) -> dict[str, dict[int, str]]:
@@ -303,6 +308,8 @@ class GenHead(LMHead):
 class Backbone(_SeqComponent):
     """All LLM layers for one branch's tokens, attending to the KV cache of everything before."""
 
+    attention = names.ATTENTION_STANDARD
+
     def __init__(self, branch: int):
         self.branch = branch
         self.name = names.backbone("und" if branch == UND else "gen")
@@ -311,25 +318,22 @@ class Backbone(_SeqComponent):
         other = ".gen." if self.branch == UND else ".und."
         return key.startswith("llm.layers.") and other not in key
 
+    def _kv(self, cfg, pair, length: str) -> list[TensorSpec]:
+        l = cfg.llm
+        shape = ("batch", l.num_key_value_heads, length, l.head_dim)
+        return [TensorSpec(n, "float32", shape) for i in range(l.num_hidden_layers) for n in pair(i)]
+
     def inputs(self, cfg):
         l = cfg.llm
-        kv = ("past", l.num_hidden_layers, "batch", l.num_key_value_heads, l.head_dim)
         return [
             TensorSpec("inputs_embeds", "float32", ("batch", "seq", l.hidden_size)),
             TensorSpec("position_ids", "int64", ("batch", "seq")),
             TensorSpec("attention_mask", "bool", ("batch", "seq", "total")),
-            TensorSpec("past_keys", "float32", kv),
-            TensorSpec("past_values", "float32", kv),
+            *self._kv(cfg, names.past_kv, "past"),
         ]
 
     def outputs(self, cfg):
-        l = cfg.llm
-        kv = ("seq", l.num_hidden_layers, "batch", l.num_key_value_heads, l.head_dim)
-        return [
-            TensorSpec("hidden_states", "float32", ("batch", "seq", l.hidden_size)),
-            TensorSpec("new_keys", "float32", kv),
-            TensorSpec("new_values", "float32", kv),
-        ]
+        return [TensorSpec("hidden_states", "float32", ("batch", "seq", cfg.llm.hidden_size)), *self._kv(cfg, names.new_kv, "seq")]
 
     def module(self, model):
         return _BackboneModule(model.llm, self.branch)
@@ -338,8 +342,10 @@ class Backbone(_SeqComponent):
         out = super().sample_inputs(cfg, dims, rng)
         B, S, P = dims["batch"], dims["seq"], dims["past"]
         # Cached keys/values at the scale real ones have (post-norm, post-RoPE: O(1) entries).
-        out["past_keys"] = rng.standard_normal(out["past_keys"].shape).astype(np.float32)
-        out["past_values"] = (0.05 * rng.standard_normal(out["past_values"].shape)).astype(np.float32)
+        for i in range(cfg.llm.num_hidden_layers):
+            k, v = names.past_kv(i)
+            out[k] = rng.standard_normal(out[k].shape).astype(np.float32)
+            out[v] = (0.05 * rng.standard_normal(out[v].shape)).astype(np.float32)
         out["inputs_embeds"] = (0.05 * rng.standard_normal(out["inputs_embeds"].shape)).astype(np.float32)
         out["position_ids"] = np.broadcast_to(np.arange(P, P + S, dtype=np.int64), (B, S)).copy()
         causal = self.branch == UND
@@ -347,9 +353,118 @@ class Backbone(_SeqComponent):
         mask = np.concatenate([np.ones((S, P), dtype=bool), inner], axis=1)
         mask = np.broadcast_to(mask, (B, S, P + S)).copy()
         if B > 1 and P > 2:
-            mask[1, :, :2] = False  # a padded row, as batched CFG prefixes of unequal length have
+            mask[1, :, P - 2 : P] = False  # a shorter row: its cache holds fewer positions (left-aligned)
+            out["position_ids"][1] -= 2
         out["attention_mask"] = mask
         return out
+
+
+class GQABackbone(Backbone):
+    """The Und backbone as ONNX Runtime's GroupQueryAttention runs it (the fused flavour for ONNX
+    Runtime targets): each layer's cache buffer is bound as both ``past_key_i`` and ``present_key_i``
+    and the operator writes the chunk's keys/values at each row's length and reads only up to it, so
+    a decode step touches the weights, the new token and each row's real past, nothing else.
+
+    Causal only (the operator's mask is causal plus each row's length), so it is built only for the
+    Und branch of models whose Und chunks are all causal (``reference_branch`` "gen").
+    Rows: one chunk per row at its own length, except that a batch of rows with S > 1 tokens must
+    start from an empty cache (right-padded prefill, rows of different lengths)."""
+
+    attention = names.ATTENTION_GQA
+
+    def __init__(self):
+        super().__init__(UND)
+
+    def inputs(self, cfg):
+        l = cfg.llm
+        return [
+            TensorSpec("inputs_embeds", "float32", ("batch", "seq", l.hidden_size)),
+            TensorSpec("position_ids", "int64", ("batch", "seq")),
+            TensorSpec(names.SEQLENS_K, "int32", ("batch",)),
+            TensorSpec(names.TOTAL_SEQUENCE_LENGTH, "int32", ()),
+            *self._kv(cfg, names.past_kv, "capacity"),
+        ]
+
+    def outputs(self, cfg):
+        return [TensorSpec("hidden_states", "float32", ("batch", "seq", cfg.llm.hidden_size)), *self._kv(cfg, names.present_kv, "capacity")]
+
+    def module(self, model):
+        from .export.gqa import GQABackboneModule
+
+        return GQABackboneModule(model.llm)
+
+    def export_dims(self, cfg):
+        return {"batch": 2, "seq": 5, "capacity": 11}
+
+    def verify_dims(self, cfg):
+        # (batch, seq, each row's cached length): decode, a chunk after a prefix, a padded batched prefill
+        return [
+            {"batch": 1, "seq": 1, "capacity": 2, "lengths": (0,), "real": (1,)},
+            {"batch": 1, "seq": 37, "capacity": 60, "lengths": (19,), "real": (37,)},
+            {"batch": 2, "seq": 1, "capacity": 24, "lengths": (19, 12), "real": (1, 1)},
+            {"batch": 2, "seq": 7, "capacity": 9, "lengths": (0, 0), "real": (7, 4)},
+        ]
+
+    def profile(self, cfg):
+        ctx = cfg.max_context
+        return {"batch": (1, 1, 4), "seq": (1, min(64, ctx), ctx), "capacity": (1, min(320, ctx), ctx)}
+
+    def sample_inputs(self, cfg, dims, rng):
+        l = cfg.llm
+        B, S, cap = dims["batch"], dims["seq"], dims["capacity"]
+        lengths = np.asarray(dims.get("lengths", [max(cap - S - 1, 0)] * B), np.int64)
+        real = np.asarray(dims.get("real", [S] * B), np.int64)
+        out = {"inputs_embeds": (0.05 * rng.standard_normal((B, S, l.hidden_size))).astype(np.float32),
+               "position_ids": (lengths[:, None] + np.arange(S)[None]).astype(np.int64),
+               names.SEQLENS_K: (lengths + real - 1).astype(np.int32),
+               names.TOTAL_SEQUENCE_LENGTH: np.array(int((lengths + S).max()), np.int32)}
+        for i in range(l.num_hidden_layers):
+            k, v = names.past_kv(i)
+            out[k] = rng.standard_normal((B, l.num_key_value_heads, cap, l.head_dim)).astype(np.float32)
+            out[v] = (0.05 * rng.standard_normal((B, l.num_key_value_heads, cap, l.head_dim))).astype(np.float32)
+        return out
+
+    @staticmethod
+    def from_standard(cfg, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+        """A standard graph's feed (calibration captures those) as this graph's, when it is one GQA can
+        run: each row's past left-aligned, a causal chunk. None otherwise."""
+        mask = feed["attention_mask"]
+        B, S, T = mask.shape
+        P = T - S
+        lengths = mask[:, -1, :P].sum(axis=1).astype(np.int64)
+        real = np.diagonal(mask[:, :, P:], axis1=1, axis2=2).sum(axis=1).astype(np.int64)
+        if (B > 1 and S > 1 and lengths.any()) or not all(mask[b, -1, : lengths[b]].all() for b in range(B)):
+            return None
+        cap = P + S
+        out = {"inputs_embeds": feed["inputs_embeds"], "position_ids": feed["position_ids"],
+               names.SEQLENS_K: (lengths + real - 1).astype(np.int32),
+               names.TOTAL_SEQUENCE_LENGTH: np.array(int(lengths.max()) + S, np.int32)}
+        for i in range(cfg.llm.num_hidden_layers):
+            for n in names.past_kv(i):
+                a = feed[n]
+                buf = np.zeros(a.shape[:2] + (cap,) + a.shape[3:], a.dtype)
+                buf[:, :, :P] = a
+                out[n] = buf
+        return out
+
+    @staticmethod
+    def as_standard(cfg, feed: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+        """The same step as a standard graph's feed (what the reference module takes): each row's real
+        past, the mask GroupQueryAttention applies. -> (feed, lengths, real tokens per row)."""
+        S = feed["inputs_embeds"].shape[1]
+        total = feed[names.SEQLENS_K].astype(np.int64) + 1
+        lengths = np.maximum(total - S, 0)
+        real = total - lengths
+        P = int(lengths.max())
+        B = len(total)
+        out = {"inputs_embeds": feed["inputs_embeds"], "position_ids": feed["position_ids"]}
+        for i in range(cfg.llm.num_hidden_layers):
+            for n in names.past_kv(i):
+                out[n] = np.ascontiguousarray(feed[n][:, :, :P])
+        past = np.arange(P)[None, :] < lengths[:, None]
+        inner = np.tril(np.ones((S, S), bool))[None] & (np.arange(S)[None, None, :] < real[:, None, None])
+        out["attention_mask"] = np.concatenate([np.broadcast_to(past[:, None], (B, S, P)), inner], axis=2)
+        return out, lengths, real
 
 
 class _Call(nn.Module):
@@ -370,34 +485,40 @@ class _BackboneModule(nn.Module):
         self.llm = llm
         self.branch = branch
 
-    def forward(self, inputs_embeds, position_ids, attention_mask, past_keys, past_values):
+    def forward(self, inputs_embeds, position_ids, attention_mask, *past):
         from .model.backbone import KVCache
 
-        n = self.llm.cfg.num_hidden_layers
-        # (P, L, B, Hk, hd) -> per layer (B, Hk, P, hd)
-        pk = [past_keys[:, i].permute(1, 2, 0, 3) for i in range(n)]
-        pv = [past_values[:, i].permute(1, 2, 0, 3) for i in range(n)]
+        pk, pv = list(past[0::2]), list(past[1::2])  # per layer (B, Hk, P, hd): the reference's own layout
         hidden, new = self.llm(inputs_embeds, position_ids, self.branch, attention_mask, KVCache(pk, pv))
-        nk = torch.stack([k.permute(2, 0, 1, 3) for k in new.keys], dim=1)
-        nv = torch.stack([v.permute(2, 0, 1, 3) for v in new.values], dim=1)
-        return hidden, nk, nv
+        return (hidden, *[t for k, v in zip(new.keys, new.values) for t in (k, v)])
 
 
-def all_components(cfg: EMMAConfig) -> list[Component]:
+def gqa_possible(cfg: EMMAConfig) -> bool:
+    """Every chunk the Und backbone runs is causal (text, understanding images; an edit's reference
+    goes through the Gen branch), so GroupQueryAttention's causal mask is EMMA's."""
+    return cfg.reference_branch == "gen"
+
+
+def all_components(cfg: EMMAConfig, attention: str = names.ATTENTION_STANDARD) -> list[Component]:
+    """``attention``: the Und backbone's flavour (``gqa`` where ``gqa_possible``; the Gen backbone's
+    image chunks are bidirectional, so it is always standard)."""
+    if attention == names.ATTENTION_GQA and not gqa_possible(cfg):
+        raise ValueError(f"config {cfg.name}: the gqa backbone needs causal Und chunks (reference_branch 'gen')")
+    und = GQABackbone() if attention == names.ATTENTION_GQA else Backbone(UND)
     return [
         AEEncoder(), AEDecoder(), UndTrunk(), *[UndExpert(i) for i in range(cfg.vision.num_experts)],
-        UndAdapter(), GenAdapter(), EmbedTokens(), Backbone(UND), Backbone(GEN), LMHead(), GenHead(),
+        UndAdapter(), GenAdapter(), EmbedTokens(), und, Backbone(GEN), LMHead(), GenHead(),
     ]
 
 
-def components_for(cfg: EMMAConfig, tasks=()) -> list[Component]:
+def components_for(cfg: EMMAConfig, tasks=(), attention: str = names.ATTENTION_STANDARD) -> list[Component]:
     """The components the runtime's pipelines for ``tasks`` run (every one when ``tasks`` is empty)."""
     keep = set(names.required(cfg.vision.num_experts, tuple(tasks) or None, cfg.reference_branch))
-    return [c for c in all_components(cfg) if c.name in keep]
+    return [c for c in all_components(cfg, attention) if c.name in keep]
 
 
-def get_component(cfg: EMMAConfig, name: str) -> Component:
-    for c in all_components(cfg):
+def get_component(cfg: EMMAConfig, name: str, attention: str = names.ATTENTION_STANDARD) -> Component:
+    for c in all_components(cfg, attention):
         if c.name == name:
             return c
     raise KeyError(f"unknown component {name!r}")

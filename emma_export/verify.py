@@ -11,7 +11,10 @@ import torch
 
 from emma_runtime.bundle import Bundle, BundleError
 
-from .components import all_components
+from emma_runtime.names import ATTENTION_GQA, ATTENTION_STANDARD, BACKBONE_UND, past_kv
+
+from .components import Backbone, GQABackbone, all_components
+from .model.backbone import UND
 from .config import EMMAConfig
 
 # tolerances per precision live with the precision (precision.py)
@@ -101,7 +104,8 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
     """``real_feeds``: component -> feeds to check instead of random ones at ``verify_dims``."""
     cfg = model.cfg
     out: dict[str, ComponentResult] = {}
-    for comp in all_components(cfg):
+    und = bundle.manifest.components.get(BACKBONE_UND)
+    for comp in all_components(cfg, und.attention if und else ATTENTION_STANDARD):
         if (names and comp.name not in names) or comp.name not in bundle.manifest.components:
             continue
         info = bundle.manifest.components[comp.name]
@@ -114,19 +118,26 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
             out[comp.name] = ComponentResult(float("nan"), float("nan"), tol, True, [], info.precision, "none",
                                              "not run: ONNX Runtime's CPU provider has no bf16 kernels for this graph (TensorRT runs it)")
             continue
-        module = comp.module(model).eval()
+        gqa = isinstance(comp, GQABackbone)
+        # A gqa graph is checked against the standard reference module on the same step (gqa_pairs).
+        module = (Backbone(UND) if gqa else comp).module(model).eval()
         worst_abs, worst_rel, shapes = 0.0, 0.0, []
         real = (real_feeds or {}).get(comp.name)
+        if real and gqa:
+            real = [g for g in (GQABackbone.from_standard(cfg, f) for f in real) if g is not None]
         cases = real if real else [comp.sample_inputs(cfg, dims, np.random.default_rng(100 + i)) for i, dims in enumerate(comp.verify_dims(cfg))]
         for i, feeds in enumerate(cases):
             dims = {t.name: list(feeds[t.name].shape) for t in info.inputs} if real else comp.verify_dims(cfg)[i]
             ort_feeds = {t.name: feeds[t.name].astype(NP_DTYPES[t.dtype]) for t in info.inputs}
             got = sess.run(None, ort_feeds)
-            with torch.no_grad():
-                ref = module(*[torch.from_numpy(feeds[s.name]) for s in comp.inputs(cfg)])
-            ref = ref if isinstance(ref, tuple) else (ref,)
-            for spec, g, r in zip(comp.outputs(cfg), got, ref):
-                r = r.float().numpy()
+            if gqa:
+                pairs = gqa_pairs(cfg, module, feeds, got)
+            else:
+                with torch.no_grad():
+                    ref = module(*[torch.from_numpy(feeds[s.name]) for s in comp.inputs(cfg)])
+                ref = ref if isinstance(ref, tuple) else (ref,)
+                pairs = [(spec, g, r.float().numpy()) for spec, g, r in zip(comp.outputs(cfg), got, ref)]
+            for spec, g, r in pairs:
                 if g.shape != r.shape:
                     raise AssertionError(f"{comp.name}: output '{spec.name}' has shape {g.shape}, reference {r.shape} at {dims}")
                 worst_abs = max(worst_abs, float(np.abs(g.astype(np.float64) - r).max()) if r.size else 0.0)
@@ -136,6 +147,32 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         if progress:
             progress(comp.name)
     return out
+
+
+def gqa_pairs(cfg, std_module, feeds: dict, got: list) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(name, graph's, reference's) for a gqa step, rows' real tokens only: the hidden states; every
+    layer's written keys/values (the chunk's slots of ``present_key_i`` against the reference's new
+    ones); and the past the operator must leave alone (``present_key_i`` before each row's length
+    against the input), so a write at the wrong offset fails too."""
+    std, lengths, real = GQABackbone.as_standard(cfg, feeds)
+    with torch.no_grad():
+        ref = std_module(*[torch.from_numpy(std[s.name]) for s in Backbone(UND).inputs(cfg)])
+    ref = [r.float().numpy() for r in ref]
+    B = len(lengths)
+    rows = lambda a, pick: np.concatenate([pick(a, b).reshape(-1) for b in range(B)])
+    pairs = [("hidden_states", rows(got[0], lambda a, b: a[b, : real[b]]), rows(ref[0], lambda a, b: a[b, : real[b]]))]
+    for j in range(1, len(got)):
+        name = f"{GQABackbone().outputs(cfg)[j].name}"
+        past = feeds[names_past(j)]
+        pairs.append((name, rows(got[j], lambda a, b: a[b, :, lengths[b] : lengths[b] + real[b]]),
+                      rows(ref[j], lambda a, b: a[b, :, : real[b]])))
+        pairs.append((name + " (past kept)", rows(got[j], lambda a, b: a[b, :, : lengths[b]]), rows(past, lambda a, b: a[b, :, : lengths[b]])))
+    return pairs
+
+
+def names_past(j: int) -> str:
+    """The past input a gqa graph's j-th output (1-based after hidden_states) is written over."""
+    return past_kv((j - 1) // 2)[(j - 1) % 2]
 
 
 def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | None = None, progress=None) -> VerifyReport:
@@ -163,6 +200,8 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
         trt_parse, trt_parser = {}, "skipped: int8 for the cpu target is ONNX Runtime's uint8-activation form"
     else:
         trt_parse, trt_parser = _trt_parse(bundle_dir)
+        # a gqa graph is ONNX Runtime's own (contrib operators): TensorRT is never given it
+        trt_parse = {n: m for n, m in trt_parse.items() if bundle.manifest.components[n].attention != ATTENTION_GQA}
     failures += [f"{name}: TensorRT parser: {msg}" for name, msg in trt_parse.items() if msg != "ok"]
     pipelines: dict[str, dict] = {}
     if e2e:

@@ -2,8 +2,8 @@
 
     python scripts/profile_backbone.py BUNDLE [--context 2048] [--component backbone_und] [--runs 30]
 
-What found the decode-growth cost (Split / Transpose of the cache) and the unfused int8 MatMuls
-(DequantizeLinear) quoted in the README's benchmark section.
+What found the decode-growth cost of the old time-major cache (Split / Transpose of the whole cache per
+step) and the unfused int8 MatMuls (DequantizeLinear) quoted in docs/benchmarks.md. Either graph flavour.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "runtime"))
+from emma_runtime import names  # noqa: E402
 from emma_runtime.bundle import Bundle  # noqa: E402
 
 
@@ -40,14 +41,20 @@ def main() -> None:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     s = ort.InferenceSession(str(b.path(info.file)), so, providers=["CPUExecutionProvider"])
     P, rng = a.context, np.random.default_rng(0)
-    kv = (P, d.num_layers, 1, d.num_kv_heads, d.head_dim)
+    kv = (1, d.num_kv_heads, P, d.head_dim)
     feeds = {
         "inputs_embeds": (0.05 * rng.standard_normal((1, 1, d.hidden_size))).astype(np.float32),
         "position_ids": np.array([[P]], np.int64),
-        "attention_mask": np.ones((1, 1, P + 1), bool),
-        "past_keys": rng.standard_normal(kv).astype(np.float32),
-        "past_values": (0.05 * rng.standard_normal(kv)).astype(np.float32),
     }
+    if info.attention == names.ATTENTION_GQA:  # the cache buffer holds P positions and room for the new one
+        kv = (1, d.num_kv_heads, P + 1, d.head_dim)
+        feeds.update({names.SEQLENS_K: np.array([P], np.int32), names.TOTAL_SEQUENCE_LENGTH: np.array(P + 1, np.int32)})
+    else:
+        feeds["attention_mask"] = np.ones((1, 1, P + 1), bool)
+    for i in range(d.num_layers):
+        k, v = names.past_kv(i)
+        feeds[k] = rng.standard_normal(kv).astype(np.float32)
+        feeds[v] = (0.05 * rng.standard_normal(kv)).astype(np.float32)
     for _ in range(a.runs):
         s.run(None, feeds)
     events = json.loads(Path(s.end_profiling()).read_text())

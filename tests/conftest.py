@@ -35,12 +35,24 @@ def tokenizer(tiny_cfg):
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory):
-    """The tiny fp32 bundle, exported once per test session (random weights, seed 0)."""
+    """The tiny fp32 bundle, exported once per test session (random weights, seed 0), for the cpu
+    target: its Und backbone is the gqa flavour (ONNX Runtime's GroupQueryAttention)."""
     from emma_export.export.bundle_writer import export_bundle
     from emma_export.export.source import WeightSource
 
     out = tmp_path_factory.mktemp("bundles") / "tiny"
     export_bundle(WeightSource.from_args("tiny", None, 0), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_standard(tmp_path_factory):
+    """The same bundle with the standard-operator Und backbone (what TensorRT and other runtimes take)."""
+    from emma_export.export.bundle_writer import export_bundle
+    from emma_export.export.source import WeightSource
+
+    out = tmp_path_factory.mktemp("bundles") / "tiny-standard"
+    export_bundle(WeightSource.from_args("tiny", None, 0), out, progress=False, attention="standard")
     return out
 
 

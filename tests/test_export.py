@@ -23,16 +23,17 @@ def test_every_component_matches_the_reference_at_several_shapes(tiny_bundle, ti
         assert len(r.shapes) >= 2
 
 
-def test_parity_fails_when_the_export_is_wrong(tmp_path, tiny_bundle, tiny_reference):
-    """A backbone exported with a wrong RoPE base must fail verify."""
+@pytest.mark.parametrize("flavour", ["gqa", "standard"])
+def test_parity_fails_when_the_export_is_wrong(flavour, tmp_path, tiny_bundle, tiny_bundle_standard, tiny_reference):
+    """A backbone exported with a wrong RoPE base must fail verify, in either flavour."""
     from emma_export.export.bundle_writer import export_bundle
 
     cfg = tiny_reference.cfg
     wrong = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, rope_theta=cfg.llm.rope_theta * 10))
     bad = tmp_path / "bad"
-    shutil.copytree(tiny_bundle, bad)
+    shutil.copytree(tiny_bundle if flavour == "gqa" else tiny_bundle_standard, bad)
     part = tmp_path / "part"
-    export_bundle(WeightSource(wrong, 0), part, components=[get_component(cfg, "backbone_und")], progress=False)
+    export_bundle(WeightSource(wrong, 0), part, components=[get_component(cfg, "backbone_und", flavour)], progress=False)
     shutil.copyfile(part / "backbone_und.onnx", bad / "backbone_und.onnx")
     m = json.loads((bad / "manifest.json").read_text())
     m["components"]["backbone_und"]["sha256"] = sha256_file(bad / "backbone_und.onnx")
@@ -54,12 +55,22 @@ def test_manifest_schema(tiny_bundle):
     assert m["precision"] == "fp32" and m["target"] == "cpu"
     assert m["config"]["name"] == "tiny"
     assert (tiny_bundle / m["tokenizer"]["file"]).exists()
+    # the cpu target's Und backbone is the gqa flavour: per-layer cache buffers in, the same written out
     bb = m["components"]["backbone_und"]
+    assert bb["attention"] == "gqa"
     names = [i["name"] for i in bb["inputs"]]
-    assert names == ["inputs_embeds", "position_ids", "attention_mask", "past_keys", "past_values"]
-    past = next(i for i in bb["inputs"] if i["name"] == "past_keys")
-    assert past["shape"] == ["past", 4, "batch", 2, 16] and past["dtype"] == "float32"
-    assert next(i for i in bb["inputs"] if i["name"] == "attention_mask")["dtype"] == "bool"
+    assert names == ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"] + \
+        [f"past_{kv}_{i}" for i in range(4) for kv in ("key", "value")]
+    assert [o["name"] for o in bb["outputs"]] == ["hidden_states"] + [f"present_{kv}_{i}" for i in range(4) for kv in ("key", "value")]
+    past = next(i for i in bb["inputs"] if i["name"] == "past_key_0")
+    assert past["shape"] == ["batch", 2, "capacity", 16] and past["dtype"] == "float32"
+    # the Gen backbone is standard: an explicit mask, the past per layer, the new keys/values out
+    gen = m["components"]["backbone_gen"]
+    assert "attention" not in gen
+    assert [i["name"] for i in gen["inputs"]][:4] == ["inputs_embeds", "position_ids", "attention_mask", "past_key_0"]
+    assert next(i for i in gen["inputs"] if i["name"] == "past_value_3")["shape"] == ["batch", 2, "past", 16]
+    assert next(o for o in gen["outputs"] if o["name"] == "new_key_0")["shape"] == ["batch", 2, "seq", 16]
+    assert next(i for i in gen["inputs"] if i["name"] == "attention_mask")["dtype"] == "bool"
     for name, c in m["components"].items():
         assert c["sha256"] == sha256_file(tiny_bundle / c["file"]), name
         for t in c["inputs"] + c["outputs"]:

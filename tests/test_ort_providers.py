@@ -58,12 +58,12 @@ def test_cli_names_the_missing_provider_in_one_line(tiny_bundle, tmp_path):
 
 def test_tensorrt_provider_options_come_from_the_bundle(tiny_bundle):
     b = Bundle.load(tiny_bundle)
-    o = prov.trt_options(b, "backbone_und", 0)
-    sha = b.manifest.components["backbone_und"].sha256
-    assert o["trt_engine_cache_enable"] == "True" and o["trt_engine_cache_prefix"] == f"backbone_und_{sha[:16]}"
+    o = prov.trt_options(b, "backbone_gen", 0)
+    sha = b.manifest.components["backbone_gen"].sha256
+    assert o["trt_engine_cache_enable"] == "True" and o["trt_engine_cache_prefix"] == f"backbone_gen_{sha[:16]}"
     assert Path(o["trt_engine_cache_path"]) == tiny_bundle.resolve() / prov.TRT_CACHE_DIR == Path(o["trt_timing_cache_path"])
     assert o["trt_fp16_enable"] == "False"  # an fp32 bundle stays fp32
-    info = b.manifest.components["backbone_und"]
+    info = b.manifest.components["backbone_gen"]
     p = {k: tuple(v) for k, v in info.profile.items()}
     seq, past = p["seq"], p["past"]
     total = p.get("total", tuple(a + s for a, s in zip(past, seq)))
@@ -71,12 +71,12 @@ def test_tensorrt_provider_options_come_from_the_bundle(tiny_bundle):
     maxs = dict(x.split(":") for x in o["trt_profile_max_shapes"].split(","))
     assert set(mins) == {t.name for t in info.inputs}
     assert mins["attention_mask"] == f"{p['batch'][0]}x{seq[0]}x{total[0]}"
-    assert maxs["past_keys"] == "x".join(str(d if isinstance(d, int) else p[d][2]) for d in
-                                         next(t.shape for t in info.inputs if t.name == "past_keys"))
+    assert maxs["past_key_1"] == "x".join(str(d if isinstance(d, int) else p[d][2]) for d in
+                                          next(t.shape for t in info.inputs if t.name == "past_key_1"))
 
 
 def test_without_explicit_profiles_the_provider_sizes_its_own(tiny_bundle):
-    o = prov.trt_options(Bundle.load(tiny_bundle), "backbone_und", 0, explicit_profiles=False)
+    o = prov.trt_options(Bundle.load(tiny_bundle), "backbone_gen", 0, explicit_profiles=False)
     assert not [k for k in o if k.startswith("trt_profile_")] and o["trt_engine_cache_enable"] == "True"
 
 
@@ -97,9 +97,9 @@ def test_ortvalue_buffers_bound_by_address_match_numpy_buffers(tiny_bundle):
     ref = Pipeline(b, OrtBackend("cpu"))
     dev = Pipeline(b, OrtBackend("cpu", ortvalue_buffers=True))
     cache = __import__("emma_runtime.kv_cache", fromlist=["KVCache"]).KVCache.allocate(dev.backend, dev.dims, 1, 8)
-    assert isinstance(cache.keys, OrtDeviceArray)
-    k_slot, _ = cache.slot(3)
-    assert k_slot.ptr == cache.keys.ptr and dev.backend.rows(cache.keys, 2, 5).ptr - cache.keys.ptr == 2 * k_slot.nbytes // 3
+    assert all(isinstance(k, OrtDeviceArray) for k in cache.keys)
+    layer = cache.keys[0].nbytes  # one buffer, a view per layer
+    assert [k.ptr - cache.keys[0].ptr for k in cache.keys] == [i * layer for i in range(dev.dims.num_layers)]
     img = np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
     a, d = ref.understand(img, "what?", 6), dev.understand(img, "what?", 6)
     assert a.token_ids == d.token_ids
@@ -110,14 +110,14 @@ def test_ortvalue_buffers_bound_by_address_match_numpy_buffers(tiny_bundle):
 
 
 @pytest.mark.parametrize("provider", [prov.CUDA, prov.TRT])
-def test_gpu_provider_matches_the_cpu(tiny_bundle, tmp_path, provider):
+def test_gpu_provider_matches_the_cpu(tiny_bundle_standard, tmp_path, provider):
     reason = _gpu_reason(provider)
     if reason:
         pytest.skip(reason)
     import shutil
 
     bundle_dir = tmp_path / "b"
-    shutil.copytree(tiny_bundle, bundle_dir)
+    shutil.copytree(tiny_bundle_standard, bundle_dir)  # fp32 GroupQueryAttention is CPU-only in ONNX Runtime
     b = Bundle.load(bundle_dir)
     ref = Pipeline(b, OrtBackend("cpu"))
     gpu = Pipeline(b, OrtBackend(provider))
@@ -125,7 +125,7 @@ def test_gpu_provider_matches_the_cpu(tiny_bundle, tmp_path, provider):
     from emma_runtime.kv_cache import KVCache
 
     cache = KVCache.allocate(gpu.backend, gpu.dims, 1, 4)
-    assert isinstance(cache.keys, OrtDeviceArray) and cache.keys.device == "cuda"
+    assert isinstance(cache.keys[0], OrtDeviceArray) and cache.keys[0].device == "cuda"
     img = np.random.default_rng(0).uniform(-1, 1, (1, 3, 64, 64)).astype(np.float32)
     assert gpu.understand(img, "what?", 6).token_ids == ref.understand(img, "what?", 6).token_ids
     g1, g2 = ref.generate("a red circle", seed=1, steps=3), gpu.generate("a red circle", seed=1, steps=3)

@@ -66,18 +66,18 @@ def test_calibration_uses_real_images_and_real_states(calibration, tiny_cfg):
     # Both experts see real trunk features (expert 1 forced on some images).
     assert feeds["und_expert_0"] and feeds["und_expert_1"]
     # The backbone is calibrated on real KV caches (past > 0), decode steps and denoising states
-    # at several timesteps, in the graphs' time-major layout.
+    # at several timesteps, in the standard graphs' per-layer layout.
     L, Hk, hd = tiny_cfg.llm.num_hidden_layers, tiny_cfg.llm.num_key_value_heads, tiny_cfg.llm.head_dim
     und = feeds["backbone_und"]
-    assert any(f["past_keys"].shape[0] > 0 and f["inputs_embeds"].shape[1] == 1 for f in und)
+    assert any(f["past_key_0"].shape[2] > 0 and f["inputs_embeds"].shape[1] == 1 for f in und)
     for f in und + feeds["backbone_gen"]:
-        P, S, B = f["past_keys"].shape[0], f["inputs_embeds"].shape[1], f["inputs_embeds"].shape[0]
-        assert f["past_keys"].shape == (P, L, B, Hk, hd)
+        P, S, B = f["past_key_0"].shape[2], f["inputs_embeds"].shape[1], f["inputs_embeds"].shape[0]
+        assert all(f[f"past_{kv}_{i}"].shape == (B, Hk, P, hd) for i in range(L) for kv in ("key", "value"))
         assert f["attention_mask"].shape == (B, S, P + S) and f["attention_mask"].dtype == bool
     assert any(f["inputs_embeds"].shape[0] > 1 for f in feeds["backbone_gen"])  # batched CFG
     ts = {round(float(f["timestep"][0]), 4) for f in feeds["gen_adapter"]}
     assert 0.0 in ts and len(ts) >= 4  # reference image at t=0, noisy target at every step
-    assert np.abs(feeds["backbone_und"][1]["past_keys"]).max() > 0
+    assert np.abs(feeds["backbone_und"][1]["past_key_0"]).max() > 0
 
 
 # ---- every precision --------------------------------------------------------------------------
@@ -136,7 +136,9 @@ def test_fp8_backbone_has_float8_qdq(built):
         # weights stored as FP8 (folded), not float32 behind a QuantizeLinear
         assert any(init[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN for n in dq if n.input[0] in init)
         # IO stays float32 so the runtime feeds what it always feeds
-        assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL) for i in m.graph.input)
+        # (and a gqa graph's row lengths int32, as GroupQueryAttention takes them)
+        assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL, onnx.TensorProto.INT32)
+                   for i in m.graph.input)
 
 
 def test_quantized_graphs_are_smaller(built):
@@ -224,11 +226,11 @@ def test_failed_build_leaves_nothing(tmp_path, tiny_bundle):
 # ---- GPU target ---------------------------------------------------------------------------------
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
-def test_fp8_rtx_ada_builds_an_engine_per_component(tmp_path, tiny_bundle, calibration):
+def test_fp8_rtx_ada_builds_an_engine_per_component(tmp_path, tiny_bundle_standard, calibration):
     from emma_export.build import build
     from emma_runtime.bundle import Bundle
 
-    rep = build(source_bundle=tiny_bundle, precision="fp8", target="rtx-ada", out=tmp_path / "B", calibration=calibration[0],
+    rep = build(source_bundle=tiny_bundle_standard, precision="fp8", target="rtx-ada", out=tmp_path / "B", calibration=calibration[0],
                 e2e=False, echo=lambda s: None)
     assert rep.passed, rep.failures
     b = Bundle.load(rep.out)  # checksums of graphs and engines
@@ -243,8 +245,9 @@ def test_fp8_rtx_ada_builds_an_engine_per_component(tmp_path, tiny_bundle, calib
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt_rtx") is None, reason="tensorrt-rtx is not installed")
 @pytest.mark.parametrize("precision", PRECISIONS)
-def test_every_precision_builds_tensorrt_rtx_engines(tmp_path, built, precision, tiny_bundle, calibration):
-    """Every component's graph at every precision parses and compiles for rtx-ada (no GPU needed)."""
+def test_every_precision_builds_tensorrt_rtx_engines(tmp_path, built, precision, tiny_bundle_standard, calibration):
+    """Every component's graph at every precision parses and compiles for rtx-ada (no GPU needed), from
+    the standard-operator export (the cpu target's gqa Und backbone is ONNX Runtime's, refused below)."""
     import shutil
 
     from emma_export.build import build
@@ -256,12 +259,18 @@ def test_every_precision_builds_tensorrt_rtx_engines(tmp_path, built, precision,
     if precision == "int8":
         # the cpu target's INT8 graphs carry uint8 activations for ONNX Runtime; TensorRT gets its own
         # int8 build (int8 Q/DQ as ModelOpt writes it), and the cpu form is refused by its parser
-        build(source_bundle=tiny_bundle, precision="int8", target="rtx-ada", out=b, calibration=calibration[0], echo=lambda s: None)
+        build(source_bundle=tiny_bundle_standard, precision="int8", target="rtx-ada", out=b, calibration=calibration[0], echo=lambda s: None)
         shutil.copytree(built["int8"].out, tmp_path / "cpu_int8")
-        with pytest.raises(Exception, match="zero point"):
+        with pytest.raises(Exception, match="does not parse"):  # its gqa Und backbone
             build_engines(tmp_path / "cpu_int8", load_target("rtx-ada"), echo=lambda s: None)
+        with pytest.raises(Exception, match="zero point"):  # and the uint8 form of its standard graphs
+            build_engines(tmp_path / "cpu_int8", load_target("rtx-ada"), components=["backbone_gen"], echo=lambda s: None)
     else:
-        shutil.copytree(built[precision].out, b)
+        if Bundle.load(built[precision].out).manifest.components["backbone_und"].attention == "gqa":
+            with pytest.raises(Exception, match="does not parse"):
+                build_engines(built[precision].out, load_target("rtx-ada"), echo=lambda s: None)
+        build(source_bundle=tiny_bundle_standard, precision=precision, target="cpu", out=b, calibration=calibration[0],
+              e2e=False, echo=lambda s: None)
         results = build_engines(b, load_target("rtx-ada"), echo=lambda s: None)
         assert len(results) == len(Bundle.load(b).manifest.components)
     m = Bundle.load(b).manifest

@@ -68,17 +68,26 @@ def test_batched_and_sequential_cfg_agree(tiny_bundle):
         Pipeline.load(tiny_bundle, cfg_mode="both")
 
 
-def test_decode_writes_into_the_preallocated_cache(tiny_bundle):
+@pytest.mark.parametrize("flavour", ["gqa", "standard"])
+def test_decode_writes_into_the_preallocated_cache(flavour, tiny_bundle, tiny_bundle_standard):
     from emma_runtime.kv_cache import KVCache
 
-    p = Pipeline.load(tiny_bundle)
+    p = Pipeline.load(tiny_bundle if flavour == "gqa" else tiny_bundle_standard)
+    assert p.attention["backbone_und"] == flavour
     cache = KVCache.allocate(p.backend, p.dims, 1, 16, p.kv_dtype)
-    cache.keys[:] = 0
-    buf = cache.keys
+    bufs = list(cache.keys) + list(cache.values)
     p.run_chunk(cache, p.embed([1, 2, 3]), "und", True)
     p.run_chunk(cache, p.embed([4]), "und", True)
-    assert cache.keys is buf and cache.length == 4
-    assert np.abs(buf[:4]).sum() > 0 and np.abs(buf[4:]).sum() == 0
+    assert cache.length == 4 and all(a is b for a, b in zip(bufs, list(cache.keys) + list(cache.values)))
+    for buf in bufs:  # every layer's buffer: the 4 positions written in place, nothing past them
+        assert np.abs(buf[:, :, :4]).sum() > 0 and np.abs(buf[:, :, 4:]).sum() == 0
+    # both flavours hold the same keys/values for the same tokens
+    other = Pipeline.load(tiny_bundle_standard if flavour == "gqa" else tiny_bundle)
+    c2 = KVCache.allocate(other.backend, other.dims, 1, 16, other.kv_dtype)
+    other.run_chunk(c2, other.embed([1, 2, 3]), "und", True)
+    other.run_chunk(c2, other.embed([4]), "und", True)
+    for a, b in zip(list(cache.keys) + list(cache.values), list(c2.keys) + list(c2.values)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_sampling_with_a_seed_is_reproducible(tiny_bundle):

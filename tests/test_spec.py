@@ -223,14 +223,38 @@ def test_sequence_layouts_from_the_brief(tiny_bundle):
 # ---- editing: the reference image ---------------------------------------------------------------------
 
 
+def _effective_mask(inputs) -> tuple[int, np.ndarray]:
+    """What a backbone call lets each new token see, in one layout for both graph flavours: (P, mask
+    (B, S, P + S)), P the longest row's cached length, row b's past at [0, P_b) and its chunk at [P, P + S).
+    A standard graph's mask spans the whole cache buffer: nothing past a row's length may be visible.
+    A gqa graph's is GroupQueryAttention's rule: causal, each row up to its ``seqlens_k``."""
+    B, S = inputs["inputs_embeds"].shape[:2]
+    if "seqlens_k" in inputs:
+        total = inputs["seqlens_k"].astype(np.int64) + 1
+        lengths = np.maximum(total - S, 0)
+        chunk = np.tril(np.ones((S, S), bool))[None] & (np.arange(S)[None, None, :] < (total - lengths)[:, None, None])
+        past = np.arange(int(lengths.max()))[None, :] < lengths[:, None]
+        return int(lengths.max()), np.concatenate([np.broadcast_to(past[:, None], (B, S, past.shape[1])), chunk], axis=2)
+    mask = np.array(inputs["attention_mask"])
+    cap = inputs["past_key_0"].shape[2]
+    lengths = np.array(inputs["position_ids"])[:, 0]
+    P = int(lengths.max())
+    out = np.zeros((B, S, P + S), bool)
+    for b, n in enumerate(lengths):
+        assert not mask[b, :, n:cap].any(), "a standard graph's mask shows positions past the row's length"
+        out[b, :, :n] = mask[b, :, :n]
+    out[:, :, P:] = mask[:, :, cap:]
+    return P, out
+
+
 def _record(pipe, monkeypatch) -> list:
     calls = []
     orig = Pipeline._run
 
     def rec(self, name, outputs=None, **inputs):
         keep = {k: np.array(v) for k, v in inputs.items() if k in ("attention_mask", "position_ids", "timestep", "und_features", "inputs_embeds")}
-        if "past_keys" in inputs:
-            keep["past"] = inputs["past_keys"].shape[0]
+        if "past_key_0" in inputs:
+            keep["past"], keep["attention_mask"] = _effective_mask(inputs)
         res = orig(self, name, outputs, **inputs)
         if name.startswith("backbone") or name in ("gen_adapter", "und_adapter"):
             calls.append((name, keep, {k: np.array(v) for k, v in res.items() if k in ("image_embeds",)}))

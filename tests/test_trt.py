@@ -91,12 +91,12 @@ def test_auto_resolves_to_cpu_without_a_gpu_and_to_the_gpu_otherwise(monkeypatch
 # ---- engines for the tiny bundle ----------------------------------------------------------------
 
 @pytest.fixture(scope="session")
-def rtx_bundle(rtx, tiny_bundle, tmp_path_factory):
+def rtx_bundle(rtx, tiny_bundle_standard, tmp_path_factory):
     """A copy of the tiny fp32 bundle with TensorRT-RTX engines for rtx-ada (SM 8.9)."""
     from emma_export.trt.builder import build_engines
 
     out = tmp_path_factory.mktemp("rtx") / "tiny"
-    shutil.copytree(tiny_bundle, out)
+    shutil.copytree(tiny_bundle_standard, out)  # TensorRT takes the standard-operator graphs
     lines = []
     results = build_engines(out, load_target("rtx-ada"), echo=lines.append)
     return out, results
@@ -160,10 +160,10 @@ def test_total_is_derived_from_past_and_seq_when_missing():
         resolve_profile({"seq": (4, 2, 8)})
 
 
-def test_parse_bundle_accepts_every_graph(rtx, tiny_bundle):
+def test_parse_bundle_accepts_every_graph(rtx, tiny_bundle_standard):
     from emma_export.trt.parse_check import parse_bundle
 
-    res = parse_bundle(tiny_bundle)
+    res = parse_bundle(tiny_bundle_standard)
     assert res and all(v == "ok" for v in res.values()), res
 
 
@@ -313,6 +313,15 @@ class _FakeCudart(types.SimpleNamespace):
         ctypes.memmove(dst, src, n)
         return (0,)
 
+    def cudaMemcpy2DAsync(self, dst, dpitch, src, spitch, width, height, kind, stream):
+        for r in range(height):
+            ctypes.memmove(dst + r * dpitch, src + r * spitch, width)
+        return (0,)
+
+    def cudaMemsetAsync(self, dst, value, n, stream):
+        ctypes.memset(dst, value, n)
+        return (0,)
+
     def cudaGetErrorString(self, e):
         return 0, b"fake error"
 
@@ -326,25 +335,23 @@ def test_device_arrays_rows_are_zero_copy_views(rtx, monkeypatch):
     b = trt_backend.TrtBackend()
     assert b.compute_capability == "8.9" and "Fake GPU" in b.describe()
     dims = types.SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=4)
-    cache = KVCache.allocate(b, dims, batch=2, max_len=10)
-    k_slot, _ = cache.slot(4)
-    assert k_slot.shape == (4, 3, 2, 2, 4) and k_slot.ptr == cache.keys.ptr
-    x = np.arange(4 * 3 * 2 * 2 * 4, dtype=np.float32).reshape(4, 3, 2, 2, 4)
-    b.copy(k_slot, b.from_host(x))
-    cache.commit(4)
-    k_slot2, _ = cache.slot(2)
-    row = 3 * 2 * 2 * 4 * 4
-    assert k_slot2.ptr == cache.keys.ptr + 4 * row  # the next slot starts right after the prefix
-    b.copy(k_slot2, b.from_host(-np.ones((2, 3, 2, 2, 4), np.float32)))
-    past, _ = cache.past()
-    assert past.shape[0] == 4
-    np.testing.assert_array_equal(b.to_host(past), x)
-    full = np.asarray(cache.keys)
-    np.testing.assert_array_equal(full[:4], x)
-    np.testing.assert_array_equal(full[4:6], -1)
-    assert b.rows(cache.keys, 0, 0).shape[0] == 0
+    cache = KVCache.allocate(b, dims, batch=2, capacity=10)
+    layer = 2 * 2 * 10 * 4 * 4
+    assert [k.shape for k in cache.keys] == [(2, 2, 10, 4)] * 3
+    assert [k.ptr - cache.keys[0].ptr for k in cache.keys] == [0, layer, 2 * layer]  # one buffer, a view per layer
+    np.testing.assert_array_equal(b.to_host(cache.keys[1]), 0)  # zeroed: a standard graph reads it whole
+    # a standard graph's new keys for a 3-token chunk, row 0 with 3 real tokens, row 1 with 2
+    new = np.arange(2 * 2 * 3 * 4, dtype=np.float32).reshape(2, 2, 3, 4) + 1
+    cache.lengths = np.array([4, 1])
+    b.write_positions(cache.keys[1], b.from_host(new), cache.lengths, np.array([3, 2]))
+    got = b.to_host(cache.keys[1])
+    np.testing.assert_array_equal(got[0, :, 4:7], new[0])
+    np.testing.assert_array_equal(got[1, :, 1:3], new[1, :, :2])
+    assert np.count_nonzero(got) == new[0].size + new[1, :, :2].size  # nothing else was touched
+    np.testing.assert_array_equal(b.to_host(cache.keys[0]), 0)
+    assert b.rows(b.empty((5, 2), np.float32), 0, 0).shape[0] == 0
     with pytest.raises(IndexError):
-        b.rows(cache.keys, 5, 11)
+        b.rows(b.empty((5, 2), np.float32), 5, 11)
 
 
 def test_trt_backend_unavailable_is_one_line(monkeypatch):
@@ -372,7 +379,7 @@ def _gpu_or_skip():
     pytest.importorskip("cuda.bindings", reason="cuda-python is not installed (pip install cuda-python)")
 
 
-def test_trt_backend_matches_onnxruntime_on_a_gpu(tiny_bundle, tmp_path):
+def test_trt_backend_matches_onnxruntime_on_a_gpu(tiny_bundle_standard, tmp_path):
     _gpu_or_skip()
     from emma_runtime.backends.ort import OrtBackend
     from emma_runtime.backends.trt import TrtBackend
@@ -382,7 +389,7 @@ def test_trt_backend_matches_onnxruntime_on_a_gpu(tiny_bundle, tmp_path):
 
     target = resolve_auto()
     out = tmp_path / "b"
-    shutil.copytree(tiny_bundle, out)
+    shutil.copytree(tiny_bundle_standard, out)
     if not build_engines(out, target, echo=print):
         pytest.skip(f"this machine cannot build engines for {target.name}")
     from emma_runtime.bundle import Bundle

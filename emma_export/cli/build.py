@@ -74,13 +74,16 @@ def _run_build(**kw) -> None:
 @click.option("--tasks", "tasks", multiple=True, type=click.Choice(["understand", "generate", "edit"]),
               help="A task-subset bundle: only the components these tasks use (repeatable; default: every task).")
 @_overwrite
+@click.option("--attention", type=click.Choice(["auto", "standard", "gqa"]), default="auto", show_default=True,
+              help="The Und backbone's graph. auto: ONNX Runtime's fused GroupQueryAttention on an ONNX Runtime target "
+                   "(the cpu), standard ONNX operators elsewhere (TensorRT parses only those).")
 @click.option("--quiet", is_flag=True)
-def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, tasks, overwrite, quiet):
+def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, tasks, overwrite, attention, quiet):
     """Export -> calibrate -> quantize -> engines -> verify, into one bundle (atomic)."""
     _run_build(config_name=config_name, checkpoint=checkpoint, precision=precision, target=target, out=out, seed=seed,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
                engines=not no_engines, force=force, json_out=json_out, progress=not quiet, task_eval_n=task_eval_n, only=only,
-               tasks=tuple(tasks), overwrite=overwrite)
+               tasks=tuple(tasks), overwrite=overwrite, attention=None if attention == "auto" else attention)
 
 
 @main.command()

@@ -21,10 +21,13 @@ from .app import main
 @click.option("--component", "only", multiple=True, help="Export only these components (repeatable).")
 @click.option("--tasks", "tasks", multiple=True, type=click.Choice(["understand", "generate", "edit"]),
               help="A task-subset bundle: only the components these tasks use (repeatable; default: every task).")
+@click.option("--attention", type=click.Choice(["standard", "gqa"]), default="standard", show_default=True,
+              help="The Und backbone's graph: standard ONNX operators (every runtime and TensorRT) or ONNX Runtime's "
+                   "fused GroupQueryAttention (faster decode on ONNX Runtime; build --target cpu picks it).")
 @click.option("--out", required=True, type=click.Path(), help="Bundle directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a bundle written by emma-export.")
 @click.option("--quiet", is_flag=True)
-def export_cmd(config_name, checkpoint, dtype, seed, only, tasks, out, overwrite, quiet):
+def export_cmd(config_name, checkpoint, dtype, seed, only, tasks, attention, out, overwrite, quiet):
     """Export every EMMA component to ONNX and write a bundle with manifest.json."""
 
     from ..components import components_for
@@ -36,12 +39,16 @@ def export_cmd(config_name, checkpoint, dtype, seed, only, tasks, out, overwrite
     src = WeightSource.from_args(config_name, checkpoint, seed)
     if only and tasks:
         _fail("--component and --tasks both choose components: give one of them")
-    comps = components_for(src.cfg, tasks)
+    try:
+        comps = components_for(src.cfg, tasks, attention)
+    except ValueError as e:
+        _fail(str(e))
     if only:
         unknown = set(only) - {c.name for c in comps}
         if unknown:
             _fail(f"unknown component(s) {sorted(unknown)}; choose from {[c.name for c in comps]}")
         comps = [c for c in comps if c.name in only]
     t0 = time.perf_counter()
-    rep = export_bundle(src, out, dtype=dtype, components=comps, progress=not quiet, overwrite=overwrite, tasks=tuple(tasks))
+    rep = export_bundle(src, out, dtype=dtype, components=comps, progress=not quiet, overwrite=overwrite, tasks=tuple(tasks),
+                        attention=attention)
     click.echo(f"wrote {rep.out} ({len(comps)} components, {dtype}) in {time.perf_counter() - t0:.1f} s")

@@ -17,7 +17,7 @@ import onnx
 from emma_runtime import names
 from emma_runtime.bundle import FORMAT_VERSION, ComponentInfo, Manifest, ModelDims, TensorInfo, sha256_file
 
-from ..components import Component, components_for
+from ..components import Component, components_for, gqa_possible
 from ..config import EMMAConfig
 from .onnx_export import export_component
 from .out_dir import check_out, replace_dir, temp_sibling
@@ -28,6 +28,16 @@ ONNX_DTYPES = {
     onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
     onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
 }
+
+
+def default_attention(cfg: EMMAConfig, target: str, precision: str = "fp32") -> str:
+    """The Und backbone's flavour for a target: ONNX Runtime's fused GroupQueryAttention on an ONNX
+    Runtime target (the CPU; decode speed, docs/benchmarks.md) where the model's Und chunks are all
+    causal; standard ONNX operators everywhere else (TensorRT parses only those). Every precision
+    quantizes either flavour (calibration feeds are converted, quantize._feeds_for)."""
+    from ..targets import load_target
+
+    return "gqa" if load_target(target).flavour == "ort" and gqa_possible(cfg) else "standard"
 
 
 def model_dims(cfg: EMMAConfig) -> ModelDims:
@@ -70,13 +80,16 @@ def export_bundle(
     tokenizer_file: Path | None = None,
     overwrite: bool = False,
     tasks: tuple[str, ...] = (),
+    attention: str | None = None,
 ) -> ExportReport:
     """``tasks``: a task-subset bundle (only the components those tasks' pipelines run, and the
-    manifest says which tasks); empty: every task."""
+    manifest says which tasks); empty: every task. ``attention``: the Und backbone's flavour (None:
+    the target's, ``default_attention``)."""
     cfg = source.cfg
     out = check_out(out, "bundle", overwrite)
     tasks = tuple(dict.fromkeys(tasks))
-    comps = components or components_for(cfg, tasks)
+    attention = attention or default_attention(cfg, target, dtype)
+    comps = components or components_for(cfg, tasks, attention)
     tokenizer_file = tokenizer_file or source.tokenizer_file
     tmp = temp_sibling(out, "partial")
     seconds: dict[str, float] = {}
@@ -95,7 +108,7 @@ def export_bundle(
                 inputs, outputs = graph_io(f)
                 entries[comp.name] = ComponentInfo(
                     file=f.name, sha256=sha256_file(f), inputs=inputs, outputs=outputs, precision=dtype,
-                    data_files=data_files(f), profile=comp.profile(cfg),
+                    data_files=data_files(f), profile=comp.profile(cfg), attention=getattr(comp, "attention", "standard"),
                 )
                 seconds[comp.name] = time.perf_counter() - t0
                 if bar:

@@ -9,8 +9,8 @@ component's inputs in the exact IO layout of its ONNX graph:
 
 - image components: the module's own inputs (pixels, trunk grid, latents, und features, timestep);
 - ``lm_head`` gets (B, 1, hidden) where the reference passes (B, hidden);
-- the backbone graphs take one branch's chunk against a time-major stacked KV cache
-  ``(past, layers, batch, kv_heads, head_dim)`` (``components._BackboneModule``). The reference runs a
+- the (standard) backbone graphs take one branch's chunk against each layer's cached keys/values,
+  ``past_key_i`` (batch, kv_heads, past, head_dim) (``components._BackboneModule``). The reference runs a
   request's prefix as ONE mixed-branch pass; it is cut at its segment boundaries (as the runtime
   chunks it), each chunk fed the real keys/values of everything before it. Decode steps and denoising
   steps (every timestep of the Euler trajectory) are recorded as they run, and the denoising steps of
@@ -116,9 +116,14 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().float().numpy().copy() if t.is_floating_point() else t.detach().cpu().numpy().copy()
 
 
-def _stack_cache(keys: list[torch.Tensor], start: int, stop: int) -> np.ndarray:
-    """Per-layer (B, Hk, T, hd) -> time-major (stop - start, L, B, Hk, hd)."""
-    return torch.stack([k[:, :, start:stop].permute(2, 0, 1, 3) for k in keys], dim=1).float().numpy().copy()
+def _layer_feeds(keys: list[torch.Tensor], values: list[torch.Tensor], stop: int) -> dict[str, np.ndarray]:
+    """Each layer's first ``stop`` cached positions under its ``past_key_i``/``past_value_i`` name."""
+    out = {}
+    for i, (k, v) in enumerate(zip(keys, values)):
+        kn, vn = names.past_kv(i)
+        out[kn] = k[:, :, :stop].float().numpy().copy()
+        out[vn] = v[:, :, :stop].float().numpy().copy()
+    return out
 
 
 @dataclass
@@ -209,12 +214,12 @@ class Capture:
             if isinstance(branch, int) or (torch.is_tensor(branch) and branch.dim() == 0):
                 b = int(branch)
                 P = past.length if past is not None else 0
-                empty = np.zeros((0, cfg.num_hidden_layers, B, cfg.num_key_value_heads, cfg.head_dim), np.float32)
-                feed = {
-                    "inputs_embeds": _np(x), "position_ids": _np(pos).astype(np.int64), "attention_mask": _np(allow).astype(bool),
-                    "past_keys": _stack_cache(past.keys, 0, P) if P else empty,
-                    "past_values": _stack_cache(past.values, 0, P) if P else empty.copy(),
-                }
+                empty = np.zeros((B, cfg.num_key_value_heads, 0, cfg.head_dim), np.float32)
+                feed = {"inputs_embeds": _np(x), "position_ids": _np(pos).astype(np.int64), "attention_mask": _np(allow).astype(bool)}
+                if P:
+                    feed.update(_layer_feeds(past.keys, past.values, P))
+                else:
+                    feed.update({n: empty.copy() for i in range(cfg.num_hidden_layers) for n in names.past_kv(i)})
                 name = "backbone_und" if b == UND else "backbone_gen"
                 self.add(name, feed)
                 if b == GEN and P:
@@ -233,8 +238,7 @@ class Capture:
                 b = int(branch[0, a0])
                 feed = {
                     "inputs_embeds": _np(x[:, a0:a1]), "position_ids": _np(pos[:, a0:a1]).astype(np.int64),
-                    "attention_mask": _np(allow[:, a0:a1, :a1]).astype(bool),
-                    "past_keys": _stack_cache(new.keys, 0, a0), "past_values": _stack_cache(new.values, 0, a0),
+                    "attention_mask": _np(allow[:, a0:a1, :a1]).astype(bool), **_layer_feeds(new.keys, new.values, a0),
                 }
                 self.add("backbone_und" if b == UND else "backbone_gen", feed)
             assert start == S, f"segments cover {start} of {S} prefix tokens"
@@ -251,24 +255,23 @@ class Capture:
         g, self._gen_group = self._gen_group, []
         if len(g) < 2:
             return
-        P = max(f["past_keys"].shape[0] for f in g)
+        first = names.past_kv(0)[0]
+        P = max(f[first].shape[2] for f in g)
         S = g[0]["inputs_embeds"].shape[1]
-        keys, values, masks, pos = [], [], [], []
-        for f in g:
-            p = f["past_keys"].shape[0]
-            pad = ((0, P - p), (0, 0), (0, 0), (0, 0), (0, 0))
-            keys.append(np.pad(f["past_keys"], pad))
-            values.append(np.pad(f["past_values"], pad))
+        layers = [n for n in g[0] if n.startswith(("past_key_", "past_value_"))]
+        masks, pos = [], []
+        for f in g:  # each prefix left-aligned, padded to the longest (as KVCache.stack lays them out)
+            p = f[first].shape[2]
             m = np.zeros((1, S, P + S), bool)
             m[:, :, :p] = f["attention_mask"][:, :, :p]
             m[:, :, P:] = f["attention_mask"][:, :, p:]
             masks.append(m)
             pos.append(f["position_ids"])
-        self.add("backbone_gen", {
-            "inputs_embeds": np.concatenate([f["inputs_embeds"] for f in g]), "position_ids": np.concatenate(pos),
-            "attention_mask": np.concatenate(masks), "past_keys": np.concatenate(keys, axis=2),
-            "past_values": np.concatenate(values, axis=2),
-        })
+        merged = {"inputs_embeds": np.concatenate([f["inputs_embeds"] for f in g]), "position_ids": np.concatenate(pos),
+                  "attention_mask": np.concatenate(masks)}
+        for n in layers:
+            merged[n] = np.concatenate([np.pad(f[n], ((0, 0), (0, 0), (0, P - f[n].shape[2]), (0, 0))) for f in g])
+        self.add("backbone_gen", merged)
 
 
 def _runs(branch_row: list[int]) -> list[int]:

@@ -91,6 +91,7 @@ def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[F
 
     m = load_graph(src)
     del m.graph.value_info[:]  # stale float types would be re-typed blindly
+    _outputs_through_identity(m)
     overflow = overflowing_nodes(src, feeds) if feeds else []
     block = set(overflow)
     for node in m.graph.node:
@@ -105,6 +106,20 @@ def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[F
                                            max_finite_val=FP16_MAX, min_positive_val=2.0 ** -24)
     save_graph(m16, dst)
     return {"kept_fp32_nodes": len(kept), "overflow_nodes": overflow}
+
+
+def _outputs_through_identity(m: onnx.ModelProto) -> None:
+    """A graph output that nodes also read (a standard backbone's ``new_key_i``, read by its attention)
+    gets its own Identity: with ``keep_io_types`` the converter casts the output back to float32 under
+    its own name, and the fp16 nodes reading that name would get float32."""
+    outs = {o.name for o in m.graph.output}
+    read = {i for n in m.graph.node for i in n.input}
+    for name in sorted(outs & read):
+        inner = name + "/inner"
+        for n in m.graph.node:
+            n.output[:] = [inner if o == name else o for o in n.output]
+            n.input[:] = [inner if i == name else i for i in n.input]
+        m.graph.node.append(helper.make_node("Identity", [inner], [name], name=name + "/output"))
 
 
 def _unshare_initializers(m: onnx.ModelProto, block: set[str]) -> None:

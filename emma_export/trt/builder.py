@@ -277,6 +277,10 @@ def build_engines(bundle_dir: str | Path, target: Target, *, components: Iterabl
     unknown = [n for n in names if n not in manifest.components]
     if unknown:
         raise EngineBuildError(f"unknown component(s) {unknown}; the bundle has {list(manifest.components)}")
+    fused = [n for n in names if manifest.components[n].attention != "standard"]
+    if fused:
+        raise EngineBuildError(f"{', '.join(fused)}: ONNX Runtime's fused {manifest.components[fused[0]].attention} graph, which "
+                               f"TensorRT does not parse: build the bundle for {target.name} (or export with --attention standard)")
 
     # One target per bundle: a partial rebuild must not leave engines for two targets behind.
     others = sorted({c.engine.target for n, c in manifest.components.items()

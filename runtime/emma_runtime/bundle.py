@@ -154,6 +154,24 @@ class EngineInfo:
         return {**asdict(self), "profile": {k: list(v) for k, v in self.profile.items()}}
 
 
+def _check_backbone_io(name: str, info: "ComponentInfo", layers: int, where: str) -> None:
+    """A backbone's KV-cache IO is what its ``attention`` flavour runs with (the pipelines bind by name)."""
+    if name not in names.BACKBONES:
+        if info.attention != names.ATTENTION_STANDARD:
+            raise BundleError(f"{where}: attention '{info.attention}' is only for a backbone")
+        return
+    if info.attention == names.ATTENTION_GQA and name != names.BACKBONE_UND:
+        raise BundleError(f"{where}: a gqa graph is causal: only backbone_und can be one")
+    gqa = info.attention == names.ATTENTION_GQA
+    want_in = [n for i in range(layers) for n in names.past_kv(i)] + ([names.SEQLENS_K, names.TOTAL_SEQUENCE_LENGTH] if gqa else ["attention_mask"])
+    want_out = [n for i in range(layers) for n in (names.present_kv(i) if gqa else names.new_kv(i))]
+    have_in, have_out = {t.name for t in info.inputs}, {t.name for t in info.outputs}
+    missing = [n for n in want_in if n not in have_in] + [n for n in want_out if n not in have_out]
+    if missing:
+        raise BundleError(f"{where}: a {info.attention} backbone of {layers} layers lacks tensor(s) {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''} (a bundle from an older emma-export? rebuild it)")
+
+
 @dataclass(frozen=True)
 class ComponentInfo:
     file: str
@@ -164,6 +182,7 @@ class ComponentInfo:
     data_files: tuple[tuple[str, str], ...] = ()  # (file, sha256) of external weight data
     profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     engine: EngineInfo | None = None
+    attention: str = names.ATTENTION_STANDARD  # backbones: "gqa" is ONNX Runtime's fused flavour (names.py)
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "component") -> "ComponentInfo":
@@ -184,6 +203,7 @@ class ComponentInfo:
             data_files=tuple(data_files),
             profile=_profile(f.obj("profile", default={}), f"{where}.profile"),
             engine=EngineInfo.from_dict(engine, f"{where}.engine") if engine else None,
+            attention=f.str("attention", default=names.ATTENTION_STANDARD, choices=names.ATTENTIONS),
         )
 
     def tensor(self, name: str) -> TensorInfo:
@@ -204,6 +224,8 @@ class ComponentInfo:
         }
         if self.engine:
             d["engine"] = self.engine.to_dict()
+        if self.attention != names.ATTENTION_STANDARD:
+            d["attention"] = self.attention
         return d
 
 
@@ -457,6 +479,8 @@ class Bundle:
             if name not in manifest.components:
                 why = f" (its tasks: {', '.join(manifest.tasks)})" if manifest.tasks else ""
                 raise BundleError(f"{root / MANIFEST}: component '{name}' is missing{why}")
+        for name, info in manifest.components.items():
+            _check_backbone_io(name, info, manifest.model.num_layers, f"{root / MANIFEST}: {name}")
         bundle = cls(root, manifest)
         for file, _ in manifest.files():
             bundle.path(file)

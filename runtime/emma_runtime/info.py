@@ -147,7 +147,8 @@ def summarize_bundle(path: str | Path) -> BundleSummary:
             eng = EngineRow(e.file, _size(root, e.file), e.target, e.compute_capability, e.flavour)
         rows.append(ComponentRow(name, c.precision, _size(root, c.file) + sum(_size(root, f) for f, _ in c.data_files), eng))
     files = m.files()
-    kv = m.components[names.BACKBONE_UND].tensor("new_keys")
+    bb = m.components.get(names.BACKBONE_UND) or m.components[names.BACKBONE_GEN]
+    kv = bb.tensor(names.past_kv(0)[0])
     import numpy as np
 
     from .backends.ort_providers import TRT_CACHE_DIR

@@ -1,8 +1,13 @@
-"""A preallocated, time-major KV cache: ``(max_len, layers, batch, kv_heads, head_dim)``.
+"""A preallocated KV cache, layer-major: one ``(batch, kv_heads, capacity, head_dim)`` buffer per
+layer for the keys and one for the values, each row's positions left-aligned.
 
-``past(P)`` (the first P positions) and ``slot(P, S)`` (where the next S positions go) are views of
-one buffer, contiguous for any batch; the backbone graph reads the first as its past input and
-writes its new keys/values straight into the second, so a step costs what its attention costs.
+Each layer's buffer is bound whole as that layer's ``past_key_i``/``past_value_i`` graph input, so no
+step splits, transposes or copies the past. A ``gqa`` graph also gets the buffer as its
+``present_key_i`` output and writes the chunk's keys/values at each row's length itself; a standard
+graph returns them (``new_key_i``) and ``write`` puts them there (a copy of the new tokens only).
+
+A row's length (``lengths[b]``) is how many positions it holds; they are also the RoPE position of its
+next token, and a standard graph's attention mask over the past is ``position < length``.
 """
 
 from __future__ import annotations
@@ -11,107 +16,128 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import names
+
 
 @dataclass
 class KVCache:
     backend: object
-    keys: object
-    values: object
-    valid: np.ndarray  # (batch, max_len) bool on the host: which positions are real (not padding)
-    length: int = 0  # slots written so far (the same for every batch row; short rows are padded)
-    positions: np.ndarray | None = None  # (batch,) RoPE position of each row's next token
-
-    def __post_init__(self):
-        if self.positions is None:
-            self.positions = np.full(self.batch, self.length, dtype=np.int64)
+    keys: list  # per layer (batch, kv_heads, capacity, head_dim), views of one buffer
+    values: list
+    lengths: np.ndarray  # (batch,) int64: positions each row holds
 
     @classmethod
-    def allocate(cls, backend, dims, batch: int, max_len: int, dtype=np.float32) -> "KVCache":
-        shape = (max_len, dims.num_layers, batch, dims.num_kv_heads, dims.head_dim)
-        return cls(backend, backend.empty(shape, dtype), backend.empty(shape, dtype), np.zeros((batch, max_len), dtype=bool))
+    def allocate(cls, backend, dims, batch: int, capacity: int, dtype=np.float32) -> "KVCache":
+        shape = (dims.num_layers, batch, dims.num_kv_heads, max(int(capacity), 1), dims.head_dim)
+        # zeros, not empty: a standard graph reads the whole buffer (masked positions weigh 0, and
+        # 0 x garbage could be NaN)
+        k, v = backend.zeros(shape, dtype), backend.zeros(shape, dtype)
+        n = dims.num_layers
+        return cls(backend, [backend.layer(k, i) for i in range(n)], [backend.layer(v, i) for i in range(n)],
+                   np.zeros(batch, np.int64))
 
     @property
     def capacity(self) -> int:
-        return self.valid.shape[1]
+        return int(self.keys[0].shape[2])
 
     @property
     def batch(self) -> int:
-        return self.valid.shape[0]
+        return len(self.lengths)
 
-    def past(self):
-        b = self.backend
-        return b.rows(self.keys, 0, self.length), b.rows(self.values, 0, self.length)
+    @property
+    def length(self) -> int:
+        """The longest row's length."""
+        return int(self.lengths.max()) if len(self.lengths) else 0
 
-    def slot(self, n: int):
-        if self.length + n > self.capacity:
-            raise ValueError(f"context of {self.length + n} tokens exceeds the KV cache ({self.capacity}; the model's max_context)")
-        b = self.backend
-        return b.rows(self.keys, self.length, self.length + n), b.rows(self.values, self.length, self.length + n)
+    @property
+    def positions(self) -> np.ndarray:
+        """(batch,) the RoPE position of each row's next token."""
+        return self.lengths
 
-    def commit(self, n: int, valid: np.ndarray | None = None) -> None:
-        self.valid[:, self.length : self.length + n] = True if valid is None else valid
-        self.length += n
-        self.positions = self.positions + n
+    @property
+    def valid(self) -> np.ndarray:
+        """(batch, capacity) bool: which positions of each row hold a key."""
+        return np.arange(self.capacity)[None, :] < self.lengths[:, None]
 
-    @classmethod
-    def stack(cls, caches: list["KVCache"], extra: int) -> "KVCache":
-        """Batch several B=1 caches of different lengths into one, right-padded, with room for
-        ``extra`` more positions (the denoising target). Copies each prefix once per request."""
-        b = caches[0].backend
-        host_k = [b.to_host(c.keys)[: c.length] for c in caches]
-        host_v = [b.to_host(c.values)[: c.length] for c in caches]
-        P = max(c.length for c in caches)
-        shape = (P + extra,) + tuple(host_k[0].shape[1:2]) + (len(caches),) + tuple(host_k[0].shape[3:])
-        k = np.zeros(shape, dtype=host_k[0].dtype)
-        v = np.zeros(shape, dtype=host_v[0].dtype)
-        valid = np.zeros((len(caches), P + extra), dtype=bool)
-        for i, c in enumerate(caches):
-            k[: c.length, :, i] = host_k[i][:, :, 0]
-            v[: c.length, :, i] = host_v[i][:, :, 0]
-            valid[i, : c.length] = c.valid[0, : c.length]
-        lengths = np.array([c.length for c in caches], dtype=np.int64)
-        return cls(b, b.from_host(k), b.from_host(v), valid, P, lengths)
+    def check_room(self, counts: np.ndarray) -> None:
+        need = int((self.lengths + counts).max())
+        if need > self.capacity:
+            raise ValueError(f"context of {need} tokens exceeds the KV cache ({self.capacity}; the model's max_context)")
 
-    # ---- continuous batching (emma_runtime.serve): rows join and leave between steps -----------------
+    def feeds(self) -> dict:
+        """Every layer's buffer under its ``past_key_i``/``past_value_i`` name."""
+        out = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            kn, vn = names.past_kv(i)
+            out[kn], out[vn] = k, v
+        return out
+
+    def presents(self) -> dict:
+        """The same buffers under a ``gqa`` graph's output names: it writes them in place."""
+        out = {}
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            kn, vn = names.present_kv(i)
+            out[kn], out[vn] = k, v
+        return out
+
+    def write(self, new: dict, counts: np.ndarray) -> None:
+        """Puts a standard graph's ``new_key_i``/``new_value_i`` (batch, kv_heads, seq, head_dim) at each
+        row's length: row b's first ``counts[b]`` tokens (the rest is a right-padded chunk's padding)."""
+        starts = self.lengths
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            kn, vn = names.new_kv(i)
+            self.backend.write_positions(k, new[kn], starts, counts)
+            self.backend.write_positions(v, new[vn], starts, counts)
+
+    def commit(self, counts) -> None:
+        """Rows advance by ``counts`` (an int for every row, or one count per row)."""
+        self.lengths = self.lengths + np.broadcast_to(np.asarray(counts, np.int64), self.lengths.shape)
+
     def commit_rows(self, valid: np.ndarray) -> None:
-        """Commits a right-padded chunk: ``valid`` (batch, n) says which of its slots are real, and each
-        row's position advances by its own count of real tokens (``commit`` advances every row by n)."""
-        n = valid.shape[1]
-        self.valid[:, self.length : self.length + n] = valid
-        self.length += n
-        self.positions = self.positions + valid.sum(axis=1).astype(np.int64)
+        """Commits a right-padded chunk: ``valid`` (batch, n) says which of its slots are real."""
+        self.commit(valid.sum(axis=1).astype(np.int64))
 
     def real_lengths(self) -> np.ndarray:
-        return self.valid[:, : self.length].sum(axis=1)
+        return self.lengths.copy()
+
+    def to_host(self) -> tuple[np.ndarray, np.ndarray]:
+        """(layers, batch, kv_heads, capacity, head_dim) keys and values on the host."""
+        b = self.backend
+        return np.stack([b.to_host(k) for k in self.keys]), np.stack([b.to_host(v) for v in self.values])
+
+    @classmethod
+    def from_rows(cls, backend, host_k: list[np.ndarray], host_v: list[np.ndarray], extra: int) -> "KVCache":
+        """A cache whose row i holds ``host_k[i]`` (layers, kv_heads, length_i, head_dim), with room for
+        ``extra`` more positions past the longest."""
+        lengths = np.array([k.shape[2] for k in host_k], np.int64)
+        L, Hk, _, hd = host_k[0].shape
+        cap = int(lengths.max()) + extra
+        k = np.zeros((L, len(host_k), Hk, max(cap, 1), hd), host_k[0].dtype)
+        v = np.zeros_like(k)
+        for i, (hk, hv) in enumerate(zip(host_k, host_v)):
+            k[:, i, :, : hk.shape[2]] = hk
+            v[:, i, :, : hv.shape[2]] = hv
+        dk, dv = backend.from_host(k), backend.from_host(v)
+        return cls(backend, [backend.layer(dk, i) for i in range(L)], [backend.layer(dv, i) for i in range(L)], lengths)
+
+    @classmethod
+    def stack(cls, caches: list["KVCache"], extra: int = 0) -> "KVCache":
+        """Batch several B=1 caches of different lengths into one (rows left-aligned), with room for
+        ``extra`` more positions. Copies each prefix once, through the host."""
+        return cls.gather([(c, 0) for c in caches], extra)
 
     @classmethod
     def gather(cls, rows: list[tuple["KVCache", int]], extra: int) -> "KVCache":
-        """One new cache holding the given (cache, row) pairs in order, each row's real slots moved to
-        the front (right-padded to the longest), with room for ``extra`` more slots.
-
-        The decode batch is rebuilt with it when requests join or leave: padding that earlier members
-        left (a short prompt next to a long one, a row that stopped) is squeezed out, so the batch's
-        length is its longest row's real length and never grows past the model's context. Copies each
+        """One new cache holding the given (cache, row) pairs in order, with room for ``extra`` more
+        positions. The decode batch is rebuilt with it when requests join or leave; rows are always
+        left-aligned, so the batch's capacity is its longest row's length plus ``extra``. Copies each
         row's keys/values once through the host (a view for numpy arrays)."""
         b = rows[0][0].backend
-        hosts = {id(c): (b.to_host(c.keys), b.to_host(c.values)) for c, _ in rows}
-        lengths = [int(c.valid[r, : c.length].sum()) for c, r in rows]
-        P = max(lengths)
-        k0 = hosts[id(rows[0][0])][0]
-        shape = (P + extra, k0.shape[1], len(rows)) + tuple(k0.shape[3:])
-        k = np.zeros(shape, dtype=k0.dtype)
-        v = np.zeros(shape, dtype=k0.dtype)
-        valid = np.zeros((len(rows), P + extra), dtype=bool)
-        positions = np.zeros(len(rows), dtype=np.int64)
-        for i, (c, r) in enumerate(rows):
-            ck, cv = hosts[id(c)]
-            keep = np.flatnonzero(c.valid[r, : c.length])
-            if len(keep) == c.length:  # no padding: one contiguous copy
-                k[: c.length, :, i] = ck[: c.length, :, r]
-                v[: c.length, :, i] = cv[: c.length, :, r]
-            else:
-                k[: len(keep), :, i] = ck[keep, :, r]
-                v[: len(keep), :, i] = cv[keep, :, r]
-            valid[i, : len(keep)] = True
-            positions[i] = c.positions[r]
-        return cls(b, b.from_host(k), b.from_host(v), valid, P, positions)
+        hosts = {id(c): c.to_host() for c, _ in rows}
+        ks, vs = [], []
+        for c, r in rows:
+            hk, hv = hosts[id(c)]
+            n = int(c.lengths[r])
+            ks.append(hk[:, r, :, :n])
+            vs.append(hv[:, r, :, :n])
+        return cls.from_rows(b, ks, vs, extra)

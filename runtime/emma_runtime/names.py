@@ -35,6 +35,27 @@ def backbone(branch: str) -> str:
     return {"und": BACKBONE_UND, "gen": BACKBONE_GEN}[branch]
 
 
+# ---- the backbone graphs' KV-cache IO, one pair of tensors per layer -----------------------------
+# standard graphs: past_key_i (batch, kv_heads, past, head_dim) in, new_key_i (batch, kv_heads, seq,
+# head_dim) out; "gqa" graphs (ONNX Runtime's GroupQueryAttention): past_key_i (batch, kv_heads,
+# capacity, head_dim) in and present_key_i out, bound to the same buffer (written in place).
+ATTENTION_STANDARD, ATTENTION_GQA = "standard", "gqa"
+ATTENTIONS = (ATTENTION_STANDARD, ATTENTION_GQA)
+SEQLENS_K, TOTAL_SEQUENCE_LENGTH = "seqlens_k", "total_sequence_length"
+
+
+def past_kv(i: int) -> tuple[str, str]:
+    return f"past_key_{i}", f"past_value_{i}"
+
+
+def new_kv(i: int) -> tuple[str, str]:
+    return f"new_key_{i}", f"new_value_{i}"
+
+
+def present_kv(i: int) -> tuple[str, str]:
+    return f"present_key_{i}", f"present_value_{i}"
+
+
 UNDERSTAND, GENERATE, EDIT = "understand", "generate", "edit"
 TASKS = (UNDERSTAND, GENERATE, EDIT)
 

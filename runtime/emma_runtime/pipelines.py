@@ -84,12 +84,15 @@ class Pipeline:
             self.special = SpecialIds.from_tokenizer(self.tokenizer)
         except ValueError as e:
             raise BundleError(f"{bundle.root / bundle.manifest.tokenizer[0]}: {e}") from None
-        # The cache holds what the backbone graphs emit (fp32, or fp16 for a half-precision bundle).
+        # The cache holds what the backbone graphs take (fp32, or fp16 for a half-precision bundle).
         try:
-            kv = bundle.manifest.components[names.BACKBONE_UND].tensor("new_keys")
-        except BundleError as e:
-            raise BundleError(f"{bundle.root}: backbone_und: {e}") from None
+            und = bundle.manifest.components[names.BACKBONE_UND] if names.BACKBONE_UND in bundle.manifest.components \
+                else bundle.manifest.components[names.BACKBONE_GEN]
+            kv = und.tensor(names.past_kv(0)[0])
+        except (BundleError, KeyError) as e:
+            raise BundleError(f"{bundle.root}: backbone: {e}") from None
         self.kv_dtype = np.dtype(kv.dtype)
+        self.attention = {n: c.attention for n, c in bundle.manifest.components.items() if n in names.BACKBONES}
         # Every graph is opened now, from the bytes its checksum was computed on: nothing the bundle
         # folder holds later (a graph swapped after load) is ever read.
         self._sessions: dict[str, object] = {name: backend.open(bundle, name) for name in bundle.manifest.components}
@@ -150,31 +153,41 @@ class Pipeline:
     # ---- backbone -------------------------------------------------------------------------------
     def run_chunk(self, cache: KVCache, embeds: np.ndarray, branch: str, causal: bool, commit: bool = True,
                   chunk_valid: np.ndarray | None = None) -> np.ndarray:
-        """Runs S new tokens against the cache; their keys/values land in the cache's next slot.
-        ``chunk_valid`` (B, S): a right-padded chunk (the server's batched prefill): row b has
-        ``chunk_valid[b].sum()`` real tokens, then padding that nothing attends to and that the cache
-        marks invalid (always committed)."""
+        """Runs S new tokens against the cache; with ``commit`` their keys/values land at each row's
+        length. ``chunk_valid`` (B, S): a right-padded chunk (the server's batched prefill): row b has
+        ``chunk_valid[b].sum()`` real tokens, then padding that nothing attends to and that is never
+        counted in the row's length (always committed)."""
         B, S, _ = embeds.shape
-        P = cache.length
+        counts = np.full(B, S, np.int64) if chunk_valid is None else chunk_valid.sum(axis=1).astype(np.int64)
+        if commit or chunk_valid is not None:
+            cache.check_room(counts)
         pos = cache.positions[:, None] + np.arange(S, dtype=np.int64)[None]
+        name = names.backbone(branch)
+        if self.attention[name] == names.ATTENTION_GQA:
+            if not causal or not commit:
+                raise ValueError(f"{name} is a gqa graph: it runs causal chunks that are committed")
+            if B > 1 and S > 1 and cache.lengths.any():
+                raise ValueError(f"{name} is a gqa graph: a batch of multi-token chunks must start from an empty cache")
+            # The graph writes each row's chunk at its length, into the very buffers it reads.
+            out = self._run(name, outputs=cache.presents(), inputs_embeds=embeds, position_ids=pos,
+                            seqlens_k=(cache.lengths + counts - 1).astype(np.int32),
+                            total_sequence_length=np.array(cache.length + S, np.int32), **cache.feeds())
+            cache.commit(counts)
+            return out["hidden_states"]
+        C = cache.capacity
         inner = np.tril(np.ones((S, S), bool)) if causal else np.ones((S, S), bool)
         inner = np.broadcast_to(inner, (B, S, S)) if chunk_valid is None else inner[None] & chunk_valid[:, None, :]
-        mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :P], (B, S, P)), inner], axis=2)
-        k_slot, v_slot = cache.slot(S)
-        k_past, v_past = cache.past()
-        out = self._run(
-            names.backbone(branch),
-            outputs={"new_keys": k_slot, "new_values": v_slot},
-            inputs_embeds=embeds, position_ids=pos, attention_mask=mask, past_keys=k_past, past_values=v_past,
-        )
-        if chunk_valid is not None:
-            cache.commit_rows(chunk_valid)
-        elif commit:
-            cache.commit(S)
+        mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :], (B, S, C)), inner], axis=2)
+        out = self._run(name, inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **cache.feeds())
+        if commit or chunk_valid is not None:
+            cache.write(out, counts)
+            cache.commit(counts)
         return out["hidden_states"]
 
     def prefill(self, segments, images: dict[str, np.ndarray], gen_task: bool, extra: int) -> tuple[KVCache, np.ndarray, dict]:
-        """Chunked prefill of the prefix segments into a new B=1 cache with ``extra`` spare slots."""
+        """Chunked prefill of the prefix segments into a new B=1 cache. ``extra``: the tokens that will
+        follow (counted against the model's context); an understanding request's decoded tokens are
+        committed, so it gets room for them; a denoising target never is, so a generation gets none."""
         embedded = []
         info = {"expert": None, "visual_tokens": 0}
         for seg in segments:
@@ -191,7 +204,7 @@ class Pipeline:
         total = sum(e.shape[1] for e, _, _ in embedded) + extra
         if total > self.dims.max_context:
             raise RequestError(f"request needs {total} positions, more than the model's context of {self.dims.max_context}")
-        cache = KVCache.allocate(self.backend, self.dims, 1, total, self.kv_dtype)
+        cache = KVCache.allocate(self.backend, self.dims, 1, total - (extra if gen_task else 0), self.kv_dtype)
         hidden = None
         for e, branch, causal in embedded:
             hidden = self.run_chunk(cache, e, branch, causal)
@@ -264,17 +277,18 @@ class Pipeline:
         return UnderstandOutput(text, out, info["expert"], info["visual_tokens"], timings)
 
     def _cache_on_host(self, cache: KVCache):
-        k, v = cache.past()
-        return self.backend.to_host(k), self.backend.to_host(v)
+        """(length, layers, batch, kv_heads, head_dim) keys and values (StepTrace's layout): what the cache holds."""
+        k, v = cache.to_host()
+        n = cache.length
+        return k[:, :, :, :n].transpose(3, 0, 1, 2, 4), v[:, :, :, :n].transpose(3, 0, 1, 2, 4)
 
     def _denoise(self, prefixes: list[tuple[KVCache, float]], noise: np.ndarray, steps: int, shift: float,
                  trace: StepTrace | None = None) -> np.ndarray:
         """Euler flow matching; the guided velocity is sum_k w_k v_k over the prefixes."""
         _, C, h, w = noise.shape
-        L = h * w
         weights = np.array([wk for _, wk in prefixes], np.float32)
         if self.cfg_mode == "batch" and len(prefixes) > 1:
-            caches = [KVCache.stack([c for c, _ in prefixes], extra=L)]
+            caches = [KVCache.stack([c for c, _ in prefixes])]
         else:
             caches = [c for c, _ in prefixes]
         x = noise.astype(np.float32).copy()

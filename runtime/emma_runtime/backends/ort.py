@@ -2,9 +2,9 @@
 KV cache is read and written in place instead of being copied through Python every step.
 
 On the CPU provider the buffers are numpy arrays. On the CUDA and TensorRT providers the KV cache
-lives on the GPU: ``empty`` allocates an OrtValue in device memory and ``rows`` is pointer arithmetic
-on its first axis (the cache is time-major, so a prefix or the next slot is one contiguous range),
-bound with ``bind_input``/``bind_output`` by address. Everything else a graph returns comes back to
+lives on the GPU: ``empty`` allocates an OrtValue in device memory and ``rows``/``layer`` are pointer
+arithmetic on its first axis (a layer of the cache is one contiguous block), bound with
+``bind_input``/``bind_output`` by address. Everything else a graph returns comes back to
 the host, because the pipelines read it there (router argmax, the last position's hidden state,
 guidance sums): those are a few KB per step, the cache is what grows with the context.
 """
@@ -73,6 +73,30 @@ class OrtDeviceArray:
 
     def __repr__(self) -> str:
         return f"OrtDeviceArray(shape={self.shape}, dtype={self.dtype}, {self.device}:{self.device_id})"
+
+
+def _host_view(a: OrtDeviceArray) -> np.ndarray:
+    """A numpy view of a CPU OrtDeviceArray's memory (no copy)."""
+    import ctypes
+
+    return np.frombuffer((ctypes.c_byte * a.nbytes).from_address(a.ptr), dtype=a.dtype).reshape(a.shape)
+
+
+def _copy_rows_to_cuda(dst: OrtDeviceArray, src: np.ndarray, starts, counts) -> None:
+    """Host rows into a CUDA cache layer: per row one 2-D copy (heads x new positions), with
+    cuda-python (ONNX Runtime's Python API has no strided device copy)."""
+    from .trt import _Cuda, _import_cudart
+
+    cuda = _Cuda(_import_cudart())
+    B, H, cap, hd = dst.shape
+    S = src.shape[2]
+    isz = dst.dtype.itemsize
+    kind = cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
+    for b, (s, n) in enumerate(zip(starts, counts)):
+        if n:
+            cuda.check(cuda.rt.cudaMemcpy2D(dst.ptr + (b * H * cap + int(s)) * hd * isz, cap * hd * isz,
+                                            src.ctypes.data + b * H * S * hd * isz, S * hd * isz, int(n) * hd * isz, H, kind),
+                       "KV cache write")
 
 
 _NO_FILES: str | None = None
@@ -202,6 +226,9 @@ class OrtBackend:
 
     def open(self, bundle: Bundle, component: str) -> OrtSession:
         info = bundle.manifest.components[component]
+        if self.choice.gpu and info.attention == "gqa" and info.precision not in ("fp16", "bf16"):
+            raise BundleError(f"{component}: a {info.precision} GroupQueryAttention graph runs on ONNX Runtime's CPU provider only "
+                              f"(its CUDA kernel takes fp16/bf16): build the bundle with --attention standard for a GPU")
         # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
         fp8 = info.precision == "fp8"
         graph, where = bundle.graph(component), str(bundle.root / info.file)
@@ -224,6 +251,11 @@ class OrtBackend:
         value = ort.OrtValue.ortvalue_from_shape_and_type(list(shape), np.dtype(dtype).type, dev, i)
         return OrtDeviceArray(value, 0, shape, dtype, dev, i)
 
+    def zeros(self, shape, dtype):
+        if not self._buffers:
+            return np.zeros(shape, dtype=dtype)
+        return self.from_host(np.zeros(shape, dtype=dtype))
+
     def from_host(self, a: np.ndarray):
         if not self._buffers:
             return a
@@ -244,6 +276,25 @@ class OrtBackend:
             raise IndexError(f"rows [{start}:{stop}] outside an array of {n} rows")
         row = math.prod(a.shape[1:]) * a.dtype.itemsize
         return OrtDeviceArray(a.value, a.offset + start * row, (stop - start,) + a.shape[1:], a.dtype, a.device, a.device_id)
+
+    def layer(self, a, i: int):
+        if not isinstance(a, OrtDeviceArray):
+            return a[i]
+        v = self.rows(a, i, i + 1)
+        return OrtDeviceArray(v.value, v.offset, a.shape[1:], a.dtype, a.device, a.device_id)
+
+    def write_positions(self, dst, src, starts, counts) -> None:
+        src = self.to_host(src)
+        if not isinstance(dst, OrtDeviceArray):
+            for b, (s, n) in enumerate(zip(starts, counts)):
+                dst[b, :, s : s + n] = src[b, :, :n]
+            return
+        if dst.device == "cpu":
+            view = _host_view(dst)
+            for b, (s, n) in enumerate(zip(starts, counts)):
+                view[b, :, s : s + n] = src[b, :, :n]
+            return
+        _copy_rows_to_cuda(dst, np.ascontiguousarray(src, dtype=dst.dtype), starts, counts)
 
     def describe(self) -> str:
         where = f" on cuda:{self.choice.device_id}" if self.on_gpu else ""

@@ -1,9 +1,9 @@
 """TensorRT backend: the bundle's ``<component>.engine`` files on an NVIDIA GPU.
 
 Device arrays are plain CUDA allocations (cuda-python's runtime API) described by a pointer, a
-shape and a dtype. ``rows(a, start, stop)`` is pointer arithmetic on the first axis, so the
-time-major KV cache's prefix and next slot are views of one buffer, bound to the engine with
-``set_tensor_address``: a step copies no cache. Engines run with ``execute_async_v3`` on one CUDA
+shape and a dtype. ``rows``/``layer`` are pointer arithmetic on the first axis, so each layer of the
+KV cache is a view of one buffer, bound to the engine with ``set_tensor_address``: a step copies no
+past, only its new keys (``write_positions``, one 2-D copy per row). Engines run with ``execute_async_v3`` on one CUDA
 stream; all execution contexts share one activation scratch buffer (user-managed device memory,
 grown to the largest size the shapes so far needed), which is safe because every session runs on
 that one stream and returns after it synchronizes.
@@ -325,6 +325,12 @@ class TrtBackend:
         shape = tuple(int(s) for s in shape)
         return DeviceArray(_Allocation(self.cuda, math.prod(shape) * dtype.itemsize), 0, shape, dtype, self)
 
+    def zeros(self, shape, dtype) -> DeviceArray:
+        d = self.empty(shape, dtype)
+        if d.nbytes:
+            self.cuda.check(self.cuda.rt.cudaMemsetAsync(d.ptr, 0, d.nbytes, self.stream), "cudaMemsetAsync")
+        return d
+
     def from_host(self, a: np.ndarray, sync: bool = True) -> DeviceArray:
         a = np.ascontiguousarray(a)
         d = self.empty(a.shape, a.dtype)
@@ -348,6 +354,24 @@ class TrtBackend:
             raise IndexError(f"rows [{start}:{stop}] outside an array of {n} rows")
         row_bytes = math.prod(a.shape[1:]) * a.dtype.itemsize
         return DeviceArray(a._alloc, a.offset + start * row_bytes, (stop - start,) + a.shape[1:], a.dtype, self)
+
+    def layer(self, a: DeviceArray, i: int) -> DeviceArray:
+        v = self.rows(a, i, i + 1)
+        return DeviceArray(v._alloc, v.offset, a.shape[1:], a.dtype, self)
+
+    def write_positions(self, dst: DeviceArray, src, starts, counts) -> None:
+        """Per row one 2-D copy on the stream (heads x new positions): the engine's new keys into the cache."""
+        if not isinstance(src, DeviceArray):
+            src = self.from_host(np.ascontiguousarray(src, dtype=dst.dtype))
+        B, H, cap, hd = dst.shape
+        S = src.shape[2]
+        isz = dst.dtype.itemsize
+        rt = self.cuda.rt
+        for b, (s, n) in enumerate(zip(starts, counts)):
+            if n:
+                self.cuda.check(rt.cudaMemcpy2DAsync(dst.ptr + (b * H * cap + int(s)) * hd * isz, cap * hd * isz,
+                                                     src.ptr + b * H * S * hd * isz, S * hd * isz, int(n) * hd * isz, H,
+                                                     rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream), "KV cache write")
 
     def copy(self, dst: DeviceArray, src: DeviceArray) -> None:
         if dst.nbytes != src.nbytes:

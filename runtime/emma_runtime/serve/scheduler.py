@@ -440,9 +440,8 @@ class Scheduler:
 
     def _denoise_step(self, key: tuple[int, ...]) -> None:
         g = self._groups[key]
-        L = key[0] * key[1]
-        if g.cache is None:
-            g.cache = KVCache.stack([c for m in g.members for c in m.prefixes], extra=L)
+        if g.cache is None:  # the targets are never committed: the stacked prefixes need no room
+            g.cache = KVCache.stack([c for m in g.members for c in m.prefixes])
         self.metrics.batch_size.labels("denoise").observe(len(g.members))
         step = lambda ms, cache: self.p.denoise_rows(cache, [(m.x, m.weights, float(m.ts[m.i]), float(m.ts[m.i + 1])) for m in ms])
         try:
@@ -457,7 +456,7 @@ class Scheduler:
                 ok = []
                 for m in g.members:  # each on its own, so only the one that fails is lost
                     try:
-                        ok.append((m, step([m], KVCache.stack(m.prefixes, extra=L))[0]))
+                        ok.append((m, step([m], KVCache.stack(m.prefixes))[0]))
                     except Exception as e1:
                         self._fail_request(m.ticket, e1)
         for m, x in ok:
