@@ -379,7 +379,6 @@ class GQABackbone(Backbone):
         l = cfg.llm
         return [
             TensorSpec("inputs_embeds", "float32", ("batch", "seq", l.hidden_size)),
-            TensorSpec("position_ids", "int64", ("batch", "seq")),
             TensorSpec(names.SEQLENS_K, "int32", ("batch",)),
             TensorSpec(names.TOTAL_SEQUENCE_LENGTH, "int32", ()),
             *self._kv(cfg, names.past_kv, "capacity"),
@@ -391,7 +390,7 @@ class GQABackbone(Backbone):
     def module(self, model):
         from .export.gqa import GQABackboneModule
 
-        return GQABackboneModule(model.llm)
+        return GQABackboneModule(model.llm, model.cfg.max_context)
 
     def export_dims(self, cfg):
         return {"batch": 2, "seq": 5, "capacity": 11}
@@ -415,7 +414,6 @@ class GQABackbone(Backbone):
         lengths = np.asarray(dims.get("lengths", [max(cap - S - 1, 0)] * B), np.int64)
         real = np.asarray(dims.get("real", [S] * B), np.int64)
         out = {"inputs_embeds": (0.05 * rng.standard_normal((B, S, l.hidden_size))).astype(np.float32),
-               "position_ids": (lengths[:, None] + np.arange(S)[None]).astype(np.int64),
                names.SEQLENS_K: (lengths + real - 1).astype(np.int32),
                names.TOTAL_SEQUENCE_LENGTH: np.array(int((lengths + S).max()), np.int32)}
         for i in range(l.num_hidden_layers):
@@ -436,7 +434,9 @@ class GQABackbone(Backbone):
         if (B > 1 and S > 1 and lengths.any()) or not all(mask[b, -1, : lengths[b]].all() for b in range(B)):
             return None
         cap = P + S
-        out = {"inputs_embeds": feed["inputs_embeds"], "position_ids": feed["position_ids"],
+        if not all((feed["position_ids"][b] == lengths[b] + np.arange(S)).all() for b in range(B)):
+            return None  # the operator's RoPE positions are the slots
+        out = {"inputs_embeds": feed["inputs_embeds"],
                names.SEQLENS_K: (lengths + real - 1).astype(np.int32),
                names.TOTAL_SEQUENCE_LENGTH: np.array(int(lengths.max()) + S, np.int32)}
         for i in range(cfg.llm.num_hidden_layers):
@@ -457,7 +457,7 @@ class GQABackbone(Backbone):
         real = total - lengths
         P = int(lengths.max())
         B = len(total)
-        out = {"inputs_embeds": feed["inputs_embeds"], "position_ids": feed["position_ids"]}
+        out = {"inputs_embeds": feed["inputs_embeds"], "position_ids": (lengths[:, None] + np.arange(S)[None]).astype(np.int64)}
         for i in range(cfg.llm.num_hidden_layers):
             for n in names.past_kv(i):
                 out[n] = np.ascontiguousarray(feed[n][:, :, :P])

@@ -59,7 +59,7 @@ def test_manifest_schema(tiny_bundle):
     bb = m["components"]["backbone_und"]
     assert bb["attention"] == "gqa"
     names = [i["name"] for i in bb["inputs"]]
-    assert names == ["inputs_embeds", "position_ids", "seqlens_k", "total_sequence_length"] + \
+    assert names == ["inputs_embeds", "seqlens_k", "total_sequence_length"] + \
         [f"past_{kv}_{i}" for i in range(4) for kv in ("key", "value")]
     assert [o["name"] for o in bb["outputs"]] == ["hidden_states"] + [f"present_{kv}_{i}" for i in range(4) for kv in ("key", "value")]
     past = next(i for i in bb["inputs"] if i["name"] == "past_key_0")

@@ -255,6 +255,10 @@ def _record(pipe, monkeypatch) -> list:
         keep = {k: np.array(v) for k, v in inputs.items() if k in ("attention_mask", "position_ids", "timestep", "und_features", "inputs_embeds")}
         if "past_key_0" in inputs:
             keep["past"], keep["attention_mask"] = _effective_mask(inputs)
+            if "seqlens_k" in inputs:  # GroupQueryAttention's RoPE positions: each token's slot
+                S = inputs["inputs_embeds"].shape[1]
+                lengths = np.maximum(inputs["seqlens_k"].astype(np.int64) + 1 - S, 0)
+                keep["position_ids"] = lengths[:, None] + np.arange(S)[None]
         res = orig(self, name, outputs, **inputs)
         if name.startswith("backbone") or name in ("gen_adapter", "und_adapter"):
             calls.append((name, keep, {k: np.array(v) for k, v in res.items() if k in ("image_embeds",)}))

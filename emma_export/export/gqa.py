@@ -4,8 +4,9 @@ The decoder layers are the reference's own modules (norms, projections, q/k norm
 the attention of the cached past plus the new chunk becomes one operator, which writes the chunk's
 keys/values into the per-layer cache buffer at each row's length (the buffer is bound as both
 ``past_key_i`` and ``present_key_i``) and reads each row's past up to its length, with no mask
-tensor, no concatenation and no copy of the past. RoPE stays outside the operator (applied as the
-reference applies it, from ``position_ids``), so positions mean the same in every flavour.
+tensor, no concatenation and no copy of the past. The operator also applies RoPE (``do_rotary``,
+rotate-half) at each token's slot, which is its position: the runtime keeps every row left-aligned,
+so a row's length is the position of its next token in every flavour.
 
 ``group_query_attention`` (a torch custom op) computes what the operator computes: it is what the
 tracer runs and what the unit test checks against the reference; ``_symbolic`` is what the graph holds.
@@ -23,34 +24,38 @@ from ..model.layers import apply_rope, rope_cos_sin
 
 @torch.library.custom_op("emma::group_query_attention", mutates_args=())
 def group_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past_k: torch.Tensor, past_v: torch.Tensor,
-                          seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, num_heads: int,
-                          kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                          seqlens_k: torch.Tensor, total_sequence_length: torch.Tensor, cos_cache: torch.Tensor,
+                          sin_cache: torch.Tensor, num_heads: int, kv_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B, S, _ = q.shape
     cap, hd = past_k.shape[2], past_k.shape[3]
     total = torch.minimum(seqlens_k.long() + 1, total_sequence_length.long())  # each row's length after this chunk
     start = (total - S).clamp(min=0)  # where the chunk lands (0 for a right-padded first prompt)
-    pos = start[:, None] + torch.arange(S, device=q.device)[None]  # (B, S): the cache slot of each token
-    kh = k.view(B, S, kv_heads, hd).transpose(1, 2)
+    pos = start[:, None] + torch.arange(S, device=q.device)[None]  # (B, S): the cache slot of each token = its RoPE position
+    # rotate-half RoPE at those positions, as the operator's do_rotary applies it
+    cos = torch.cat([cos_cache[pos], cos_cache[pos]], dim=-1)[:, None]  # (B, 1, S, hd)
+    sin = torch.cat([sin_cache[pos], sin_cache[pos]], dim=-1)[:, None]
+    kh = apply_rope(k.view(B, S, kv_heads, hd).transpose(1, 2), cos, sin)
     vh = v.view(B, S, kv_heads, hd).transpose(1, 2)
     idx = pos.clamp(max=cap - 1)[:, None, :, None].expand(B, kv_heads, S, hd)
     present_k = past_k.clone().scatter(2, idx, kh)
     present_v = past_v.clone().scatter(2, idx, vh)
     j = torch.arange(cap, device=q.device)
     allow = (j[None, None, :] <= pos[:, :, None]) & (j[None, None, :] < total[:, None, None])
-    qh = q.view(B, S, num_heads, hd).transpose(1, 2)
+    qh = apply_rope(q.view(B, S, num_heads, hd).transpose(1, 2), cos, sin)
     out = attention(qh, [present_k], [present_v], allow, num_heads // kv_heads)
     return out.transpose(1, 2).reshape(B, S, num_heads * hd).to(q.dtype), present_k, present_v
 
 
 @group_query_attention.register_fake
-def _(q, k, v, past_k, past_v, seqlens_k, total_sequence_length, num_heads, kv_heads):
+def _(q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads, kv_heads):
     return torch.empty_like(q), torch.empty_like(past_k), torch.empty_like(past_v)
 
 
-@symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "i", "i")
-def _symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_sequence_length, num_heads, kv_heads):
+@symbolic_helper.parse_args("v", "v", "v", "v", "v", "v", "v", "v", "v", "i", "i")
+def _symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_cache, sin_cache, num_heads, kv_heads):
     out, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total_sequence_length,
-                       num_heads_i=num_heads, kv_num_heads_i=kv_heads, outputs=3)
+                       cos_cache, sin_cache, num_heads_i=num_heads, kv_num_heads_i=kv_heads, do_rotary_i=1,
+                       rotary_interleaved_i=0, outputs=3)
     out.setType(q.type())
     pk.setType(past_k.type())
     pv.setType(past_v.type())
@@ -61,25 +66,29 @@ torch.onnx.register_custom_op_symbolic("emma::group_query_attention", _symbolic,
 
 
 class GQABackboneModule(nn.Module):
-    def __init__(self, llm):
+    def __init__(self, llm, max_context: int):
         super().__init__()
         self.llm = llm
+        self.max_context = max_context
 
-    def forward(self, inputs_embeds, position_ids, seqlens_k, total_sequence_length, *past):
+    def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *past):
         c = self.llm.cfg
         B, S, _ = inputs_embeds.shape
         hd, nq, nk = c.head_dim, c.num_attention_heads, c.num_key_value_heads
-        cos, sin = rope_cos_sin(position_ids, hd, c.rope_theta)
+        # RoPE tables for every position the cache can hold (constants in the graph): the operator
+        # rotates q and k itself, at each token's slot, after the q/k norms as the reference does.
+        cos, sin = rope_cos_sin(torch.arange(self.max_context)[None], hd, c.rope_theta)
+        cos_cache, sin_cache = cos[0, 0, :, : hd // 2].contiguous(), sin[0, 0, :, : hd // 2].contiguous()
         x = inputs_embeds
         present = []
         for i, layer in enumerate(self.llm.layers):
             a = layer.self_attn
             h = layer.input_layernorm(x, UND)
-            q = apply_rope(a.q_norm(a.q_proj(h, UND).view(B, S, nq, hd), UND).transpose(1, 2), cos, sin)
-            k, v = a.project_kv(h, UND, cos, sin)  # (B, Hk, S, hd), after k-norm and RoPE
-            out, pk, pv = group_query_attention(
-                q.transpose(1, 2).reshape(B, S, nq * hd), k.transpose(1, 2).reshape(B, S, nk * hd),
-                v.transpose(1, 2).reshape(B, S, nk * hd), past[2 * i], past[2 * i + 1], seqlens_k, total_sequence_length, nq, nk)
+            q = a.q_norm(a.q_proj(h, UND).view(B, S, nq, hd), UND)
+            k = a.k_norm(a.k_proj(h, UND).view(B, S, nk, hd), UND)
+            v = a.v_proj(h, UND)
+            out, pk, pv = group_query_attention(q.reshape(B, S, nq * hd), k.reshape(B, S, nk * hd), v, past[2 * i], past[2 * i + 1],
+                                                seqlens_k, total_sequence_length, cos_cache, sin_cache, nq, nk)
             x = x + a.o_proj(out, UND)
             x = x + layer.mlp(layer.post_attention_layernorm(x, UND), UND)
             present += [pk, pv]

@@ -169,7 +169,7 @@ class Pipeline:
             if B > 1 and S > 1 and cache.lengths.any():
                 raise ValueError(f"{name} is a gqa graph: a batch of multi-token chunks must start from an empty cache")
             # The graph writes each row's chunk at its length, into the very buffers it reads.
-            out = self._run(name, outputs=cache.presents(), inputs_embeds=embeds, position_ids=pos,
+            out = self._run(name, outputs=cache.presents(), inputs_embeds=embeds,  # RoPE positions: the slots
                             seqlens_k=(cache.lengths + counts - 1).astype(np.int32),
                             total_sequence_length=np.array(cache.length + S, np.int32), **cache.feeds())
             cache.commit(counts)
