@@ -64,3 +64,77 @@ def test_und_state_dict_reads_shared_qk_and_und_copies(tiny_model):
     assert q["model.layers.0.mlp.down_proj.weight"].data_ptr() == sd["llm.layers.0.mlp.und.down_proj.weight"].data_ptr()
     assert q["model.norm.weight"].data_ptr() == sd["lm_head.norm.weight"].data_ptr()
     assert "lm_head.weight" not in q
+
+
+def test_decode_bytes_count_what_the_folder_holds(tiny_model, tmp_path):
+    from emma_export.peer.floor import DecodeBytes
+
+    cfg = tiny_model.cfg
+    folder = write_qwen3_folder(tiny_model, tmp_path / "q", byte_level_tokenizer(cfg.llm.vocab_size).to_str())
+    b = DecodeBytes.of(cfg, "fp32")
+    assert b.weights == folder.weight_bytes  # every tensor once: the tied embedding is the LM head
+    l = cfg.llm
+    assert b.kv_per_token == 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * 4
+    assert b.at(100) == b.weights + 100 * b.kv_per_token
+    assert b.floor_s(100, 1e9) == pytest.approx(b.at(100) / 1e9)
+    assert DecodeBytes.of(cfg, "int4w").weights < DecodeBytes.of(cfg, "int8").weights < b.weights
+    with pytest.raises(ValueError, match="no weight size"):
+        DecodeBytes.of(cfg, "int2")
+
+
+def test_bandwidth_is_measured():
+    from emma_export.peer.floor import measure_bandwidth
+
+    bw = measure_bandwidth(threads=2, mib=64, repeat=3)
+    assert 1e8 < bw.single < 1e12 and 1e8 < bw.multi < 1e12 and bw.best == max(bw.single, bw.multi)
+
+
+def test_peer_contexts_and_ratios():
+    from types import SimpleNamespace
+
+    from emma_export.peer.bench_peer import peer_contexts, peer_ratios
+
+    assert peer_contexts((64, 256, 1024, 2048), 4096) == (64, 256, 512, 1024, 2048, 4095)
+    assert peer_contexts((64,), 8192) == (64, 256, 512, 1024, 2048, 4096)
+    rep = SimpleNamespace(decode_growth={"fp32:b": {64: 0.004, 2048: 0.010}, "peer": {64: 0.005, 2048: 0.008}},
+                          floor={64: 0.002, 2048: 0.005})
+    r = peer_ratios(rep, "fp32:b")
+    assert r["decode_vs_peer_64"] == pytest.approx(1.25) and r["decode_vs_peer_2048"] == pytest.approx(0.8)
+    assert r["decode_vs_floor_2048"] == pytest.approx(2.0) and r["peer_vs_floor_64"] == pytest.approx(2.5)
+    assert r["peer_decode_growth_2048_vs_64"] == pytest.approx(1.6)
+
+
+def test_peer_skips_a_precision_the_builder_lacks():
+    from emma_export.peer import ort_genai
+
+    pytest.importorskip("onnxruntime_genai")
+    assert ort_genai.skip_reason("fp32") is None and ort_genai.builder_precision("int4w") == "int4"
+    assert "no int8 form" in ort_genai.skip_reason("int8")
+    with pytest.raises(ort_genai.PeerError, match="no fp16 form"):
+        ort_genai.build("unused", "unused", "fp16")
+
+
+def test_ort_genai_peer_computes_the_und_branch(tiny_model, tmp_path):
+    """The built peer's logits are EMMA's: the benchmark compares like with like."""
+    og = pytest.importorskip("onnxruntime_genai")
+    import numpy as np
+
+    from emma_export.model.backbone import UND, full_mask
+    from emma_export.peer.ort_genai import build
+
+    cfg = tiny_model.cfg
+    folder = write_qwen3_folder(tiny_model, tmp_path / "q", byte_level_tokenizer(cfg.llm.vocab_size).to_str())
+    built = build(folder.path, tmp_path / "og", "fp32")
+    model = og.Model(str(built.path))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=24, min_length=24, do_sample=False)
+    gen = og.Generator(model, params)
+    ids = np.random.default_rng(3).integers(0, 256, 16).astype(np.int32)
+    gen.append_tokens(ids)
+    got = np.asarray(gen.get_logits())[0, -1]
+    with torch.no_grad():
+        t = torch.from_numpy(ids.astype(np.int64))[None]
+        allow = full_mask(torch.full_like(t, -1), bidirectional=False)
+        h, _ = tiny_model.llm(tiny_model.embed(t), torch.arange(16)[None], UND, allow)
+        ref = tiny_model.lm_head(h)[0, -1].numpy()
+    assert np.abs(got - ref).max() < 1e-4

@@ -70,8 +70,7 @@ def qwen3_config(cfg: EMMAConfig, eos_id: int, pad_id: int, dtype: torch.dtype =
         "rope_scaling": None,
         "vocab_size": l.vocab_size,
         "tie_word_embeddings": l.tie_word_embeddings,
-        # the longest context EMMA's runtime serves: the peer's RoPE table and KV cache are sized by it
-        "max_position_embeddings": cfg.max_context,
+        "max_position_embeddings": l.max_position_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
         "use_sliding_window": False,
