@@ -330,7 +330,8 @@ def plot(rep: BenchReport, path: str | Path) -> Path:
     for who, g in rep.decode_growth.items():
         if g:
             xs = sorted(g)
-            ax.plot(xs, [g[x] * 1e3 for x in xs], marker="o", label=who)
+            name = f"peer: {rep.peer.get('name')} {rep.peer.get('precision', '')}" if who == "peer" else who
+            ax.plot(xs, [g[x] * 1e3 for x in xs], marker="o", label=name)
     if rep.floor:
         xs = sorted(rep.floor)
         gbs = rep.machine.get("read_bandwidth", {}).get("floor_uses_gbs", 0.0)

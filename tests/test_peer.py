@@ -138,3 +138,12 @@ def test_ort_genai_peer_computes_the_und_branch(tiny_model, tmp_path):
         h, _ = tiny_model.llm(tiny_model.embed(t), torch.arange(16)[None], UND, allow)
         ref = tiny_model.lm_head(h)[0, -1].numpy()
     assert np.abs(got - ref).max() < 1e-4
+
+
+def test_paired_decode_alternates_and_times_each_step():
+    from emma_export.peer.bench_peer import paired_decode
+
+    calls = []
+    a, b = paired_decode(lambda: calls.append("a"), lambda: calls.append("b") or sum(range(20000)), per_round=2, rounds=3)
+    assert calls == ["a", "b", "b"] + ["a", "a", "b", "b"] * 3  # warm-ups, then rounds
+    assert a.repeats == b.repeats == 6 and b.median_s > a.median_s and a.min_s <= a.median_s <= a.max_s

@@ -13,6 +13,7 @@ from .floor import DecodeBytes, measure_bandwidth
 PEERS = ("ort-genai",)
 PEER_CURVE = "peer"  # its key in BenchReport.decode_growth
 PEER_CONTEXTS = (64, 256, 512, 1024, 2048, 4096)
+ROUNDS = 3  # alternating rounds of the runtime's and the peer's decode steps per context
 
 
 def peer_contexts(contexts, max_context: int) -> tuple[int, ...]:
@@ -24,9 +25,9 @@ def peer_contexts(contexts, max_context: int) -> tuple[int, ...]:
 def add_peer(rep, cfg, bundle_dir: str, runtime_label: str, runtime_side, peer: str, contexts, repeat: int,
              work_dir: str | None = None, progress: Callable[[str], object] = print) -> None:
     """Fills ``rep.machine['read_bandwidth']``, ``rep.floor`` (per context of the runtime's curve),
-    ``rep.peer`` and, when the peer builds, ``rep.decode_growth['peer']``; a peer that cannot be
-    built here is recorded (and printed) with its reason, and the floor is still measured."""
-    from ..bench import Timing
+    ``rep.peer`` and, when the peer builds, ``rep.decode_growth['peer']``, timed alternating with the
+    runtime's decode (:func:`paired_decode`), whose curve those paired figures replace. A peer that
+    cannot be built here is recorded (and printed) with its reason; the floor is still measured."""
 
     if peer not in PEERS:
         raise ValueError(f"unknown peer {peer!r}; choose one of {', '.join(PEERS)}")
@@ -54,14 +55,38 @@ def add_peer(rep, cfg, bundle_dir: str, runtime_label: str, runtime_side, peer: 
 
         rep.peer.update(version=onnxruntime_genai.__version__, precision=built.build.precision,
                         build_s=built.build.seconds, command=" ".join(built.build.command[1:]))
-        progress(f"timing peer {peer}")
-        n = repeat * 3  # as many steps as the runtime's curve
-        curve = {}
-        for c in contexts:
-            # two warm-up calls: the first only picks from the prefill's logits
-            curve[c] = Timing.of(built.decoder.decode_step_at(c, n + 2), n, warmup=2).median_s
-        rep.decode_growth[PEER_CURVE] = curve
+        progress(f"timing peer {peer} against {runtime_label}, alternating")
+        per_round = max(3, repeat)
+        ours, theirs = {}, {}
+        for c in rep.decode_growth.get(runtime_label, {}):
+            rt, pt = paired_decode(runtime_side.decode_step_at(c), built.decoder.decode_step_at(c, ROUNDS * per_round + 2), per_round)
+            ours[c], theirs[c] = rt.median_s, pt.median_s
+        # the paired figures replace the runtime's first pass: both curves then saw the same machine load
+        rep.decode_growth[runtime_label] = ours
+        rep.decode_growth[PEER_CURVE] = theirs
         del built  # the session holds the model files open until it goes
+
+
+def paired_decode(ours: Callable[[], object], theirs: Callable[[], object], per_round: int, rounds: int | None = None):
+    """Both decoders timed step by step in alternating rounds (``per_round`` steps each), so a change in
+    the machine's load (another process on these cores) lands on both; returns their Timings over
+    every step. ``theirs`` is warmed with two calls (ONNX Runtime GenAI's first only picks a token)."""
+    import statistics
+    import time
+
+    from ..bench import Timing
+
+    ours()
+    theirs()
+    theirs()
+    a, b = [], []
+    for _ in range(rounds or ROUNDS):
+        for fn, ts in ((ours, a), (theirs, b)):
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                ts.append(time.perf_counter() - t0)
+    return tuple(Timing(statistics.median(ts), min(ts), max(ts), len(ts)) for ts in (a, b))
 
 
 def peer_ratios(rep, runtime_label: str) -> dict[str, float]:
@@ -83,4 +108,4 @@ def peer_ratios(rep, runtime_label: str) -> dict[str, float]:
     return r
 
 
-__all__ = ["PEERS", "PEER_CURVE", "PEER_CONTEXTS", "peer_contexts", "add_peer", "peer_ratios"]
+__all__ = ["PEERS", "PEER_CURVE", "PEER_CONTEXTS", "ROUNDS", "peer_contexts", "add_peer", "paired_decode", "peer_ratios"]
