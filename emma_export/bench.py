@@ -253,7 +253,7 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
         from .peer.bench_peer import add_peer
 
         label = list(sides)[1]
-        add_peer(rep, cfg, bundles[0], label, sides[label], peer, contexts, repeat, peer_dir, progress)
+        add_peer(rep, cfg, bundles[0], label, sides[label], peer, contexts, repeat, peer_dir, progress, model=model)
 
     # CFG branches: batched in one call vs one call per prefix (the runtime's two modes).
     if "generate" in tasks:

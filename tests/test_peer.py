@@ -14,7 +14,7 @@ from emma_export.tokenizer import byte_level_tokenizer
 
 
 @pytest.fixture(scope="module")
-def tiny_model():
+def und_model():
     model = build_model(get_config("tiny"), seed=0).eval()
     # norms start at one: draw them, so a norm read from the wrong place (Gen copy, q for k, the Gen
     # head's final norm) changes the logits
@@ -26,11 +26,11 @@ def tiny_model():
     return model
 
 
-def test_qwen3_folder_matches_the_und_branch(tiny_model, tmp_path):
+def test_qwen3_folder_matches_the_und_branch(und_model, tmp_path):
     transformers = pytest.importorskip("transformers")
     from emma_export.conformance import compare_text
 
-    model = tiny_model
+    model = und_model
     l = model.cfg.llm
     sd = model.state_dict()
     # the branches differ in this model, so a folder written from the Gen copies would fail below
@@ -54,10 +54,10 @@ def test_qwen3_folder_matches_the_und_branch(tiny_model, tmp_path):
         assert r.max_abs < 1e-4, (r.component, r.max_abs)
 
 
-def test_und_state_dict_reads_shared_qk_and_und_copies(tiny_model):
-    l = tiny_model.cfg.llm
-    sd = tiny_model.state_dict()
-    q = und_state_dict(tiny_model)
+def test_und_state_dict_reads_shared_qk_and_und_copies(und_model):
+    l = und_model.cfg.llm
+    sd = und_model.state_dict()
+    q = und_state_dict(und_model)
     assert q["model.layers.0.self_attn.q_proj.weight"].data_ptr() == sd["llm.layers.0.self_attn.q_proj.shared.weight"].data_ptr()
     deep = l.shared_layers
     assert q[f"model.layers.{deep}.self_attn.k_norm.weight"].data_ptr() == sd[f"llm.layers.{deep}.self_attn.k_norm.und.weight"].data_ptr()
@@ -66,11 +66,11 @@ def test_und_state_dict_reads_shared_qk_and_und_copies(tiny_model):
     assert "lm_head.weight" not in q
 
 
-def test_decode_bytes_count_what_the_folder_holds(tiny_model, tmp_path):
+def test_decode_bytes_count_what_the_folder_holds(und_model, tmp_path):
     from emma_export.peer.floor import DecodeBytes
 
-    cfg = tiny_model.cfg
-    folder = write_qwen3_folder(tiny_model, tmp_path / "q", byte_level_tokenizer(cfg.llm.vocab_size).to_str())
+    cfg = und_model.cfg
+    folder = write_qwen3_folder(und_model, tmp_path / "q", byte_level_tokenizer(cfg.llm.vocab_size).to_str())
     b = DecodeBytes.of(cfg, "fp32")
     assert b.weights == folder.weight_bytes  # every tensor once: the tied embedding is the LM head
     l = cfg.llm
@@ -114,7 +114,7 @@ def test_peer_skips_a_precision_the_builder_lacks():
         ort_genai.build("unused", "unused", "fp16")
 
 
-def test_ort_genai_peer_computes_the_und_branch(tiny_model, tmp_path):
+def test_ort_genai_peer_computes_the_und_branch(und_model, tmp_path):
     """The built peer's logits are EMMA's: the benchmark compares like with like."""
     og = pytest.importorskip("onnxruntime_genai")
     import numpy as np
@@ -122,8 +122,8 @@ def test_ort_genai_peer_computes_the_und_branch(tiny_model, tmp_path):
     from emma_export.model.backbone import UND, full_mask
     from emma_export.peer.ort_genai import build
 
-    cfg = tiny_model.cfg
-    folder = write_qwen3_folder(tiny_model, tmp_path / "q", byte_level_tokenizer(cfg.llm.vocab_size).to_str())
+    cfg = und_model.cfg
+    folder = write_qwen3_folder(und_model, tmp_path / "q", byte_level_tokenizer(cfg.llm.vocab_size).to_str())
     built = build(folder.path, tmp_path / "og", "fp32")
     model = og.Model(str(built.path))
     params = og.GeneratorParams(model)
@@ -135,8 +135,8 @@ def test_ort_genai_peer_computes_the_und_branch(tiny_model, tmp_path):
     with torch.no_grad():
         t = torch.from_numpy(ids.astype(np.int64))[None]
         allow = full_mask(torch.full_like(t, -1), bidirectional=False)
-        h, _ = tiny_model.llm(tiny_model.embed(t), torch.arange(16)[None], UND, allow)
-        ref = tiny_model.lm_head(h)[0, -1].numpy()
+        h, _ = und_model.llm(und_model.embed(t), torch.arange(16)[None], UND, allow)
+        ref = und_model.lm_head(h)[0, -1].numpy()
     assert np.abs(got - ref).max() < 1e-4
 
 
@@ -147,3 +147,22 @@ def test_paired_decode_alternates_and_times_each_step():
     a, b = paired_decode(lambda: calls.append("a"), lambda: calls.append("b") or sum(range(20000)), per_round=2, rounds=3)
     assert calls == ["a", "b", "b"] + ["a", "a", "b", "b"] * 3  # warm-ups, then rounds
     assert a.repeats == b.repeats == 6 and b.median_s > a.median_s and a.min_s <= a.median_s <= a.max_s
+
+
+def test_bench_with_the_peer(tiny_bundle, tmp_path):
+    """`emma-bench --peer ort-genai` end to end on the tiny bundle: both curves, the floor, the ratios, the plot."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("matplotlib")
+    from emma_export.bench import plot, run_bench
+
+    rep = run_bench([str(tiny_bundle)], [], repeat=1, contexts=(64,), sizes=(), progress=lambda m: None,
+                    peer="ort-genai", peer_dir=str(tmp_path / "peer"))
+    assert "skipped" not in rep.peer and rep.peer["precision"] == "fp32"
+    ctxs = [64, 256, 512, 1023]  # tiny's max_context is 1024: a step at 1024 would need 1025 positions
+    label = next(k for k in rep.decode_growth if k.startswith("fp32:"))
+    assert sorted(rep.decode_growth["peer"]) == sorted(rep.decode_growth[label]) == sorted(rep.floor) == ctxs
+    for c in ctxs:
+        assert rep.ratios[f"decode_vs_peer_{c}"] > 0 and rep.ratios[f"decode_vs_floor_{c}"] > 1
+    assert rep.machine["read_bandwidth"]["floor_uses_gbs"] > 0
+    assert (tmp_path / "peer" / "qwen3" / "config.json").is_file()
+    assert plot(rep, tmp_path / "p.png").stat().st_size > 0

@@ -23,7 +23,7 @@ def peer_contexts(contexts, max_context: int) -> tuple[int, ...]:
 
 
 def add_peer(rep, cfg, bundle_dir: str, runtime_label: str, runtime_side, peer: str, contexts, repeat: int,
-             work_dir: str | None = None, progress: Callable[[str], object] = print) -> None:
+             work_dir: str | None = None, progress: Callable[[str], object] = print, model=None) -> None:
     """Fills ``rep.machine['read_bandwidth']``, ``rep.floor`` (per context of the runtime's curve),
     ``rep.peer`` and, when the peer builds, ``rep.decode_growth['peer']``, timed alternating with the
     runtime's decode (:func:`paired_decode`), whose curve those paired figures replace. A peer that
@@ -46,7 +46,7 @@ def add_peer(rep, cfg, bundle_dir: str, runtime_label: str, runtime_side, peer: 
         work = Path(work_dir) if work_dir else Path(tmp)
         progress(f"building peer {peer} ({precision}) in {work}")
         try:
-            built = ort_genai.prepare(bundle_dir, work)
+            built = ort_genai.prepare(bundle_dir, work, model)
         except ort_genai.PeerError as e:
             rep.peer["skipped"] = str(e)
             progress(f"peer {peer} skipped: {e}")

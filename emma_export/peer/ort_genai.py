@@ -96,9 +96,11 @@ class OrtGenaiPeer:
     weight_bytes: int  # of the Qwen3 folder it was built from
 
 
-def prepare(bundle_dir: str | Path, work_dir: str | Path, checkpoint: str | None = None) -> OrtGenaiPeer:
+def prepare(bundle_dir: str | Path, work_dir: str | Path, model=None) -> OrtGenaiPeer:
     """The bundle's Und branch as a Qwen3 folder (``work_dir/qwen3``), built at the bundle's precision
-    (``work_dir/ort-genai-<p>``) and loaded. Raises PeerError with the reason when it cannot be."""
+    (``work_dir/ort-genai-<p>``) and loaded. ``model``: the bundle's reference model when the caller
+    has it already (else read from the bundle's checkpoint or seed). Raises PeerError with the reason
+    when no peer can be built."""
     from emma_runtime.bundle import Bundle
 
     from .qwen3_folder import write_bundle_qwen3
@@ -109,7 +111,7 @@ def prepare(bundle_dir: str | Path, work_dir: str | Path, checkpoint: str | None
     if reason:
         raise PeerError(reason)
     work = Path(work_dir)
-    folder = write_bundle_qwen3(bundle, work / "qwen3", checkpoint)
+    folder = write_bundle_qwen3(bundle, work / "qwen3", model=model)
     built = build(folder.path, work / f"ort-genai-{builder_precision(precision)}", precision)
     return OrtGenaiPeer(OrtGenaiDecoder(built.path), built, folder.weight_bytes)
 

@@ -112,11 +112,13 @@ def write_qwen3_folder(model, out_dir: str | Path, tokenizer_json: str) -> Qwen3
     return Qwen3Folder(out, conf, len(tensors), nbytes)
 
 
-def write_bundle_qwen3(bundle, out_dir: str | Path, checkpoint: str | None = None) -> Qwen3Folder:
-    """The bundle's reference weights (its checkpoint, or its seed) as a Qwen3 folder, with its tokenizer."""
-    from ..verify import reference_model
+def write_bundle_qwen3(bundle, out_dir: str | Path, checkpoint: str | None = None, model=None) -> Qwen3Folder:
+    """The bundle's reference weights (``model``, else its checkpoint or seed) as a Qwen3 folder, with its
+    tokenizer."""
+    if model is None:
+        from ..verify import reference_model
 
-    model = reference_model(bundle, checkpoint)
+        model = reference_model(bundle, checkpoint)
     file, digest = bundle.manifest.tokenizer
     return write_qwen3_folder(model, out_dir, bytes(bundle.read(file, digest)).decode("utf-8"))
 
