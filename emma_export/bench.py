@@ -53,6 +53,9 @@ class BenchReport:
     ratios: dict[str, float] = field(default_factory=dict)
     cfg_modes: dict[str, float] = field(default_factory=dict)
     understand_tokens: dict[str, int] = field(default_factory=dict)  # who -> tokens decoded per understand
+    # --peer (peer.bench_peer): the peer's build or why it was skipped; the bandwidth floor per context (s)
+    peer: dict = field(default_factory=dict)
+    floor: dict[int, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -183,7 +186,8 @@ class _RuntimeSide:
         return step
 
 
-def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: int = 16, steps: int | None = None, contexts=CONTEXTS, sizes=(256, 512), progress=print) -> BenchReport:
+def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: int = 16, steps: int | None = None, contexts=CONTEXTS, sizes=(256, 512), progress=print,
+              peer: str | None = None, peer_dir: str | None = None) -> BenchReport:
     from emma_runtime.bundle import Bundle
 
     from .config import EMMAConfig
@@ -212,6 +216,10 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
     noise = np.random.default_rng(0).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32)
     steps = steps or cfg.sampler.steps
     rep.tokens = visual_token_table(cfg)
+    if peer:
+        from .peer.bench_peer import peer_contexts
+
+        contexts = peer_contexts(contexts, cfg.max_context)
 
     sides: dict[str, object] = {"torch": _TorchSide(model, tok)}
     for b in bundles:
@@ -242,12 +250,22 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
         else:
             rep.runtimes[who] = t
 
+    if peer:
+        from .peer.bench_peer import add_peer
+
+        label = list(sides)[1]
+        add_peer(rep, cfg, bundles[0], label, sides[label], peer, contexts, repeat, peer_dir, progress, model=model)
+
     # CFG branches: batched in one call vs one call per prefix (the runtime's two modes).
     if "generate" in tasks:
         for mode in ("batch", "sequential"):
             s = _RuntimeSide(bundles[0], cfg_mode=mode)
             rep.cfg_modes[mode] = Timing.of(lambda: s.generate(noise, steps), repeat).median_s
     rep.ratios = _ratios(rep)
+    if peer:
+        from .peer.bench_peer import peer_ratios
+
+        rep.ratios.update(peer_ratios(rep, list(sides)[1]))
     return rep
 
 
@@ -313,7 +331,12 @@ def plot(rep: BenchReport, path: str | Path) -> Path:
     for who, g in rep.decode_growth.items():
         if g:
             xs = sorted(g)
-            ax.plot(xs, [g[x] * 1e3 for x in xs], marker="o", label=who)
+            name = f"peer: {rep.peer.get('name')} {rep.peer.get('precision', '')}" if who == "peer" else who
+            ax.plot(xs, [g[x] * 1e3 for x in xs], marker="o", label=name)
+    if rep.floor:
+        xs = sorted(rep.floor)
+        gbs = rep.machine.get("read_bandwidth", {}).get("floor_uses_gbs", 0.0)
+        ax.plot(xs, [rep.floor[x] * 1e3 for x in xs], "k--", label=f"floor (weights + KV at {gbs:.1f} GB/s)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("context length (tokens)")
     ax.set_ylabel("decode time per token (ms)")
@@ -360,7 +383,14 @@ def _print(rep: BenchReport) -> None:
         g.add_column(str(x), justify="right")
     for who, v in rep.decode_growth.items():
         g.add_row(who, *[f"{v[x] * 1e3:.2f} ms" if x in v else "-" for x in ctxs])
+    if rep.floor:
+        g.add_row("floor", *[f"{rep.floor[x] * 1e3:.2f} ms" if x in rep.floor else "-" for x in ctxs])
     c.print(g)
+    if "read_bandwidth" in rep.machine:
+        b = rep.machine["read_bandwidth"]
+        c.print(f"read bandwidth: {b['single_gbs']:.1f} GB/s single thread, {b['multi_gbs']:.1f} GB/s over {b['threads']} threads")
+    if rep.peer.get("skipped"):
+        c.print(f"peer {rep.peer['name']} skipped: {rep.peer['skipped']}")
     s = Table(title="denoising step by image size")
     s.add_column("who")
     px = sorted({k for v in rep.step_by_size.values() for k in v})
@@ -389,12 +419,16 @@ def _print(rep: BenchReport) -> None:
 @click.option("--decode-tokens", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--json", "json_out", type=click.Path(), default=None)
 @click.option("--plot", "plot_out", type=click.Path(), default=None, help="PNG of latency against context length.")
-def main(bundles, tasks, repeat, steps, decode_tokens, json_out, plot_out):
+@click.option("--peer", type=click.Choice(["ort-genai"]), default=None,
+              help="Also build the first bundle's Und branch with this peer (ONNX Runtime GenAI's model builder) and time its decode at 64-4096 tokens of context, with the memory-bandwidth floor.")
+@click.option("--peer-dir", type=click.Path(file_okay=False), default=None, help="Keep the peer's Qwen3 folder and build here (default: a temporary folder).")
+def main(bundles, tasks, repeat, steps, decode_tokens, json_out, plot_out, peer, peer_dir):
     """Time the PyTorch reference and the runtime side by side; print ratios (torch time / runtime time)."""
     from emma_runtime.bundle import BundleError
 
     try:
-        rep = run_bench(list(bundles), tasks.split(","), repeat, decode_tokens, steps, progress=lambda m: click.echo(m, err=True))
+        rep = run_bench(list(bundles), tasks.split(","), repeat, decode_tokens, steps, progress=lambda m: click.echo(m, err=True),
+                        peer=peer, peer_dir=peer_dir)
     except BundleError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
