@@ -14,6 +14,9 @@ tracer runs and what the unit test checks against the reference; ``_symbolic`` i
 
 from __future__ import annotations
 
+import functools
+import types
+
 import torch
 from torch import nn
 from torch.onnx import symbolic_helper
@@ -65,6 +68,21 @@ def _symbolic(g, q, k, v, past_k, past_v, seqlens_k, total_sequence_length, cos_
 torch.onnx.register_custom_op_symbolic("emma::group_query_attention", _symbolic, 1)
 
 
+def _attention_forward(self, x, branch, cos, sin, allow, past_k, past_v, *, ops):
+    """An ``Attention.forward`` whose joint attention is the operator (bound per layer while the
+    graph is traced, so every node keeps the reference's name: ``/llm/layers.i/self_attn/...``, which
+    the quantization policy's patterns match). ``cos``/``sin``/``allow`` are unused: the operator
+    rotates at the slots and is causal."""
+    c = self.cfg
+    B, S, _ = x.shape
+    hd, nq, nk = c.head_dim, c.num_attention_heads, c.num_key_value_heads
+    q = self.q_norm(self.q_proj(x, branch).view(B, S, nq, hd), branch)
+    k = self.k_norm(self.k_proj(x, branch).view(B, S, nk, hd), branch)
+    v = self.v_proj(x, branch)
+    out, pk, pv = group_query_attention(q.reshape(B, S, nq * hd), k.reshape(B, S, nk * hd), v, past_k, past_v, *ops, nq, nk)
+    return self.o_proj(out, branch), pk, pv
+
+
 class GQABackboneModule(nn.Module):
     def __init__(self, llm, max_context: int):
         super().__init__()
@@ -72,24 +90,22 @@ class GQABackboneModule(nn.Module):
         self.max_context = max_context
 
     def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *past):
+        from ..model.backbone import KVCache
+
         c = self.llm.cfg
         B, S, _ = inputs_embeds.shape
-        hd, nq, nk = c.head_dim, c.num_attention_heads, c.num_key_value_heads
         # RoPE tables for every position the cache can hold (constants in the graph): the operator
         # rotates q and k itself, at each token's slot, after the q/k norms as the reference does.
-        cos, sin = rope_cos_sin(torch.arange(self.max_context)[None], hd, c.rope_theta)
-        cos_cache, sin_cache = cos[0, 0, :, : hd // 2].contiguous(), sin[0, 0, :, : hd // 2].contiguous()
-        x = inputs_embeds
-        present = []
-        for i, layer in enumerate(self.llm.layers):
-            a = layer.self_attn
-            h = layer.input_layernorm(x, UND)
-            q = a.q_norm(a.q_proj(h, UND).view(B, S, nq, hd), UND)
-            k = a.k_norm(a.k_proj(h, UND).view(B, S, nk, hd), UND)
-            v = a.v_proj(h, UND)
-            out, pk, pv = group_query_attention(q.reshape(B, S, nq * hd), k.reshape(B, S, nk * hd), v, past[2 * i], past[2 * i + 1],
-                                                seqlens_k, total_sequence_length, cos_cache, sin_cache, nq, nk)
-            x = x + a.o_proj(out, UND)
-            x = x + layer.mlp(layer.post_attention_layernorm(x, UND), UND)
-            present += [pk, pv]
-        return (x, *present)
+        cos, sin = rope_cos_sin(torch.arange(self.max_context)[None], c.head_dim, c.rope_theta)
+        half = c.head_dim // 2
+        ops = (seqlens_k, total_sequence_length, cos[0, 0, :, :half].contiguous(), sin[0, 0, :, :half].contiguous())
+        attns = [layer.self_attn for layer in self.llm.layers]
+        for a in attns:
+            a.forward = types.MethodType(functools.partial(_attention_forward, ops=ops), a)
+        try:
+            unused = torch.zeros(B, S, dtype=torch.long)  # positions: the operator's are the slots
+            hidden, new = self.llm(inputs_embeds, unused, UND, None, KVCache(list(past[0::2]), list(past[1::2])))
+        finally:
+            for a in attns:
+                del a.forward
+        return (hidden, *[t for k, v in zip(new.keys, new.values) for t in (k, v)])
