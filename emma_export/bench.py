@@ -112,6 +112,7 @@ class _TorchSide:
         allow = chunk_mask(torch.ones(1, ctx, dtype=torch.bool), 1, causal=True)
         pos = torch.tensor([[ctx]])
 
+        @torch.inference_mode()  # the step runs after this factory returns: without it, autograd records it (2-3x slower)
         def step():
             h, _ = self.model.llm(x, pos, UND, allow, cache)
             return self.model.lm_head(h)
@@ -125,7 +126,7 @@ class _TorchSide:
         prefix, _ = self.ref.run_prefix(self.model, segs, {}, True)
         g = cfg.grid(px, px)
         x = torch.randn(1, cfg.ae.latent_channels, *g)
-        return lambda: self.ref.velocity(self.model, prefix, x, 0.5)
+        return torch.inference_mode()(lambda: self.ref.velocity(self.model, prefix, x, 0.5))
 
 
 class _RuntimeSide:
@@ -216,6 +217,12 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
     noise = np.random.default_rng(0).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32)
     steps = steps or cfg.sampler.steps
     rep.tokens = visual_token_table(cfg)
+    other_sizes = {}
+    for size in sizes:
+        if size != px and 2 * cfg.num_visual_tokens(size, size) + 64 < cfg.max_context:
+            g = cfg.grid(size, size)
+            other_sizes[size] = (test_image(size, size),
+                                 np.random.default_rng(0).standard_normal((1, cfg.ae.latent_channels, *g)).astype(np.float32))
     if peer:
         from .peer.bench_peer import peer_contexts
 
@@ -238,6 +245,12 @@ def run_bench(bundles: list[str], tasks: list[str], repeat: int, decode_tokens: 
             t["generate"] = Timing.of(lambda: side.generate(noise, steps), repeat)
         if "edit" in tasks:
             t["edit"] = Timing.of(lambda: side.edit(image, noise, steps), repeat)
+        # the same tasks at the other image sizes (generate_512, edit_512): the paper's resolution
+        for size, (img_s, noise_s) in other_sizes.items():
+            if "generate" in tasks:
+                t[f"generate_{size}"] = Timing.of(lambda: side.generate(noise_s, steps), repeat)
+            if "edit" in tasks:
+                t[f"edit_{size}"] = Timing.of(lambda: side.edit(img_s, noise_s, steps), repeat)
         growth = {}
         for ctx in contexts:
             if ctx + 1 > cfg.max_context:
@@ -296,13 +309,25 @@ def _ratios(rep: BenchReport) -> dict[str, float]:
     fp32 = next((l for l in labels if l.startswith("fp32:")), labels[0] if labels else None)
     if fp32:
         rt = rep.runtimes[fp32]
-        for task, key in (("understand", "understand"), ("generate", "generate"), ("edit", "edit"), ("understand_prefill", "understand_prefill"), ("denoise_step", "denoise_step")):
+        sized = [k for k in rt if k.startswith(("generate_", "edit_"))]
+        for task, key in (("understand", "understand"), ("generate", "generate"), ("edit", "edit"), ("understand_prefill", "understand_prefill"),
+                          ("denoise_step", "denoise_step"), *[(k, k) for k in sized]):
             if key in rt and key in rep.torch:
                 r[f"{task}_runtime_vs_torch"] = rep.torch[key].median_s / rt[key].median_s
+        for who_steps in (rep.step_by_size.get(fp32, {}),):
+            for size, sec in who_steps.items():
+                if size in rep.step_by_size.get("torch", {}):
+                    r[f"denoise_step_{size}_runtime_vs_torch"] = rep.step_by_size["torch"][size] / sec
+        g = rep.decode_growth.get(fp32, {})
+        tg = rep.decode_growth.get("torch", {})
+        for ctx in sorted(set(g) & set(tg)):
+            r[f"decode_{ctx}_runtime_vs_torch"] = tg[ctx] / g[ctx]
         g = rep.decode_growth.get(fp32, {})
         if g:
             lo, hi = min(g), max(g)
             r[f"decode_growth_{hi}_vs_{lo}"] = g[hi] / g[lo]
+            if 2048 in g and 64 in g:  # the figure
+                r["decode_growth_2048_vs_64"] = g[2048] / g[64]
         tg = rep.decode_growth.get("torch", {})
         if tg:
             lo, hi = min(tg), max(tg)
