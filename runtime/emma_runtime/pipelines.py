@@ -25,6 +25,13 @@ from .template import Image, SpecialIds, Text
 from .trace import StepTrace
 
 
+@dataclass(frozen=True)
+class _Embedded:
+    """An image already through its encoders and adapter (what ``prefill`` would compute from it)."""
+
+    embeds: np.ndarray
+
+
 class NonFiniteError(BundleError):
     """A component produced NaN or Inf (broken weights, an overflow in low precision): the task stops."""
 
@@ -137,7 +144,9 @@ class Pipeline:
         feats, chosen = self.und_features(image)
         return self._run(names.UND_ADAPTER, und_features=feats, latents=self.latents(image))["image_embeds"], chosen
 
-    def reference_embeds(self, image: np.ndarray) -> np.ndarray:
+    def reference_embeds(self, image) -> np.ndarray:
+        if isinstance(image, _Embedded):  # computed once for every guidance prefix of an edit
+            return image.embeds
         feats, _ = self.und_features(image, expert=0)
         lat = self.latents(image)
         if self.dims.reference_branch == "und":
@@ -436,7 +445,8 @@ class Pipeline:
         d = self.dims
         h, w = img.shape[2] // d.cell, img.shape[3] // d.cell
         pre = lambda ids, ref: template.split_prefix(template.edit(self.special, ids, ref, d.reference_branch))[0]
-        images = {"reference": img}
+        # the reference's trunk, expert, encoder and adapter run once for both prefixes that hold it
+        images = {"reference": _Embedded(self.reference_embeds(img))}
         full, _, info = self.prefill(pre(self._prompt_ids(prompt), True), images, True, h * w)
         img_only, _, _ = self.prefill(pre([], True), images, True, h * w)
         none, _, _ = self.prefill(pre([], False), images, True, h * w)
