@@ -209,8 +209,8 @@ class OrtSession:
                 if bound.get(" " + n) != key:
                     binding.bind_output(n, "cpu", 0, o.dtype, list(o.shape), o.ctypes.data)
                     bound[" " + n] = key
-            elif bound.get(" " + n) != "new":
-                binding.bind_output(n, "cpu")  # ONNX Runtime allocates it, each run
+            else:  # ONNX Runtime allocates it; bound anew every run, or the last run's array would be reused
+                binding.bind_output(n, "cpu")
                 bound[" " + n] = "new"
         # Runs synchronize the providers' streams before returning (ORT's default), so a device buffer
         # written here is complete when the next session reads it.
