@@ -136,6 +136,9 @@ def test_fp8_backbone_has_float8_qdq(built):
         # weights stored as FP8 (folded), not float32 behind a QuantizeLinear
         assert any(init[n.input[0]].data_type == onnx.TensorProto.FLOAT8E4M3FN for n in dq if n.input[0] in init)
         # IO stays float32 so the runtime feeds what it always feeds
+        # one RoPE table pair for every GroupQueryAttention node (Model Optimizer copies shared constants)
+        gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
+        assert len({(n.input[7], n.input[8]) for n in gqa}) <= 1
         # (and a gqa graph's row lengths int32, as GroupQueryAttention takes them)
         assert all(i.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.INT64, onnx.TensorProto.BOOL, onnx.TensorProto.INT32)
                    for i in m.graph.input)

@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 
 from ..export.external_data import copy_graph, has_external, load_graph, save_graph
+from ..export.gqa import share_rotary_tables
 
 Feed = dict[str, np.ndarray]
 
@@ -133,7 +134,9 @@ def quantize(
             mq.quantize(str(work), output_path=str(out), **kwargs)
         if not out.exists():
             raise RuntimeError(f"{src.name}: Model Optimizer wrote no {mode} graph")
-        save_graph(load_graph(out), dst)
+        m = load_graph(out)
+        share_rotary_tables(m)  # Model Optimizer gave each layer its own copy
+        save_graph(m, dst)
 
 
 def resolve_nodes(graph: onnx.ModelProto, patterns) -> list[str]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import threading
 from typing import Any
 
 import numpy as np
@@ -157,8 +158,8 @@ class OrtSession:
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_dtypes = {t.name: _NP[t.dtype] for t in info.inputs}
         self.output_dtypes = {t.name: _NP[t.dtype] for t in info.outputs}
-        self._binding = self.sess.io_binding()
-        self._bound: dict[str, object] = {}  # name (outputs: " " + name) -> what it is bound to
+        # per thread: an IOBinding and what each name is bound to (outputs: " " + name)
+        self._local = threading.local()
 
     def run(self, inputs: dict[str, Any], outputs: dict[str, Any] | None = None) -> dict[str, Any]:
         missing = [n for n in self.input_names if n not in inputs]
@@ -167,7 +168,10 @@ class OrtSession:
         # One binding per session, kept across runs: a tensor still at the address, shape and dtype it
         # was bound with is not bound again, so a decode step rebinds its few small inputs and not every
         # layer's cache buffer (measured ~1 ms of a 7 ms step on the small model's 32 buffers).
-        binding, bound = self._binding, self._bound
+        local = self._local  # a binding per thread: an IOBinding is not shared between concurrent runs
+        if not hasattr(local, "binding"):
+            local.binding, local.bound = self.sess.io_binding(), {}
+        binding, bound = local.binding, local.bound
         outputs = outputs or {}
         keep = []  # host arrays made for this run: alive until it returns
         for n in self.input_names:
