@@ -26,7 +26,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from torch import nn
 
 from emma_runtime import names
@@ -99,6 +98,11 @@ class Component:
             elif spec.dtype == "int32":
                 out[spec.name] = np.zeros(shape, dtype=np.int32)
         return out
+
+    def from_captured(self, cfg: EMMAConfig, feeds: list[dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Feeds captured from the reference pipelines (calibration, verify's real feeds) as this graph
+        takes them: captures are in the standard graphs' IO."""
+        return feeds
 
     def dynamic_axes(self, cfg: EMMAConfig) -> dict[str, dict[int, str]]:
         axes = {}
@@ -421,6 +425,9 @@ class GQABackbone(Backbone):
             out[k] = rng.standard_normal((B, l.num_key_value_heads, cap, l.head_dim)).astype(np.float32)
             out[v] = (0.05 * rng.standard_normal((B, l.num_key_value_heads, cap, l.head_dim))).astype(np.float32)
         return out
+
+    def from_captured(self, cfg, feeds):
+        return [g for g in (self.from_standard(cfg, f) for f in feeds) if g is not None]
 
     @staticmethod
     def from_standard(cfg, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray] | None:

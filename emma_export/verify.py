@@ -123,8 +123,8 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         module = (Backbone(UND) if gqa else comp).module(model).eval()
         worst_abs, worst_rel, shapes = 0.0, 0.0, []
         real = (real_feeds or {}).get(comp.name)
-        if real and gqa:
-            real = [g for g in (GQABackbone.from_standard(cfg, f) for f in real) if g is not None]
+        if real:
+            real = comp.from_captured(cfg, real)
         cases = real if real else [comp.sample_inputs(cfg, dims, np.random.default_rng(100 + i)) for i, dims in enumerate(comp.verify_dims(cfg))]
         for i, feeds in enumerate(cases):
             dims = {t.name: list(feeds[t.name].shape) for t in info.inputs} if real else comp.verify_dims(cfg)[i]

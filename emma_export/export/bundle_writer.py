@@ -34,7 +34,7 @@ def default_attention(cfg: EMMAConfig, target: str, precision: str = "fp32") -> 
     """The Und backbone's flavour for a target: ONNX Runtime's fused GroupQueryAttention on an ONNX
     Runtime target (the CPU; decode speed, docs/benchmarks.md) where the model's Und chunks are all
     causal; standard ONNX operators everywhere else (TensorRT parses only those). Every precision
-    quantizes either flavour (calibration feeds are converted, quantize._feeds_for)."""
+    quantizes either flavour (captured feeds are converted, Component.from_captured)."""
     from ..targets import load_target
 
     return "gqa" if load_target(target).flavour == "ort" and gqa_possible(cfg) else "standard"

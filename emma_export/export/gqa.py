@@ -18,9 +18,9 @@ import functools
 import types
 
 import torch
-from torch import nn
 from torch.onnx import symbolic_helper
 
+from ..components import _BackboneModule
 from ..model.backbone import UND, attention
 from ..model.layers import apply_rope, rope_cos_sin
 
@@ -83,15 +83,15 @@ def _attention_forward(self, x, branch, cos, sin, allow, past_k, past_v, *, ops)
     return self.o_proj(out, branch), pk, pv
 
 
-class GQABackboneModule(nn.Module):
+class GQABackboneModule(_BackboneModule):
+    """The standard backbone module (same IO order, same node names) with each layer's attention
+    bound to the operator while it runs."""
+
     def __init__(self, llm, max_context: int):
-        super().__init__()
-        self.llm = llm
+        super().__init__(llm, UND)
         self.max_context = max_context
 
     def forward(self, inputs_embeds, seqlens_k, total_sequence_length, *past):
-        from ..model.backbone import KVCache
-
         c = self.llm.cfg
         B, S, _ = inputs_embeds.shape
         # RoPE tables for every position the cache can hold (constants in the graph): the operator
@@ -103,12 +103,11 @@ class GQABackboneModule(nn.Module):
         for a in attns:
             a.forward = types.MethodType(functools.partial(_attention_forward, ops=ops), a)
         try:
-            unused = torch.zeros(B, S, dtype=torch.long)  # positions: the operator's are the slots
-            hidden, new = self.llm(inputs_embeds, unused, UND, None, KVCache(list(past[0::2]), list(past[1::2])))
+            unused = torch.zeros(B, S, dtype=torch.long)  # positions and mask: the operator's are the slots, causal
+            return super().forward(inputs_embeds, unused, None, *past)
         finally:
             for a in attns:
                 del a.forward
-        return (hidden, *[t for k, v in zip(new.keys, new.values) for t in (k, v)])
 
 
 def share_rotary_tables(model) -> int:

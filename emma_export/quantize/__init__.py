@@ -79,15 +79,6 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
     return details
 
 
-def _feeds_for(cfg, info, feeds: list[Feed] | None) -> list[Feed] | None:
-    """Calibration captures the standard backbone's IO; a gqa graph takes the same steps as its own."""
-    if not feeds or info.attention != "gqa":
-        return feeds
-    from ..components import GQABackbone
-
-    return [g for g in (GQABackbone.from_standard(cfg, f) for f in feeds) if g is not None]
-
-
 def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[str, list[Feed]] | None,
                     calib_samples: int = 64, progress=None, only: Collection[str] = ()) -> list[ComponentOutcome]:
     """Rewrites every component graph of the fp32 bundle ``bundle_dir`` to ``precision`` for ``target``
@@ -96,6 +87,7 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     cpu): one component at a time is how a precision's task loss is traced to its cause."""
     from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
 
+    from ..components import get_component
     from ..config import EMMAConfig
     from ..export.bundle_writer import bundle_bytes, data_files, graph_io, share_tied_embedding
     from ..export.trt_ops import check_model
@@ -126,7 +118,10 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
             src = _plain_graph(bundle.path(info.file), work / info.file)
             tmp = done / info.file
             tmp.parent.mkdir(parents=True, exist_ok=True)
-            details = apply_plan(p, src, tmp, _feeds_for(cfg, info, (feeds or {}).get(name)), calib_samples)
+            comp_feeds = (feeds or {}).get(name)
+            if comp_feeds:
+                comp_feeds = get_component(cfg, name, info.attention).from_captured(cfg, comp_feeds)
+            details = apply_plan(p, src, tmp, comp_feeds, calib_samples)
             if gpu:  # what TensorRT's parser cannot take is named now, not at engine-build time
                 import onnx
 

@@ -12,7 +12,8 @@ next token, and a standard graph's attention mask over the past is ``position < 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -25,8 +26,6 @@ class KVCache:
     keys: list  # per layer (batch, kv_heads, capacity, head_dim), views of one buffer
     values: list
     lengths: np.ndarray  # (batch,) int64: positions each row holds
-    _feeds: tuple | None = field(default=None, repr=False, compare=False)  # (keys it was made for, the dict)
-    _presents: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def allocate(cls, backend, dims, batch: int, capacity: int, dtype=np.float32) -> "KVCache":
@@ -66,27 +65,18 @@ class KVCache:
         if need > self.capacity:
             raise ValueError(f"context of {need} tokens exceeds the KV cache ({self.capacity}; the model's max_context)")
 
-    def feeds(self) -> dict:
-        """Every layer's buffer under its ``past_key_i``/``past_value_i`` name."""
-        if self._feeds is not None and self._feeds[0] is self.keys:
-            return self._feeds[1]
-        out = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            kn, vn = names.past_kv(i)
-            out[kn], out[vn] = k, v
-        self._feeds = (self.keys, out)
-        return out
+    def _named(self, pair) -> dict:
+        return {n: a for i, kv in enumerate(zip(self.keys, self.values)) for n, a in zip(pair(i), kv)}
 
+    @cached_property
+    def feeds(self) -> dict:
+        """Every layer's buffer under its ``past_key_i``/``past_value_i`` name (the buffers never move)."""
+        return self._named(names.past_kv)
+
+    @cached_property
     def presents(self) -> dict:
         """The same buffers under a ``gqa`` graph's output names: it writes them in place."""
-        if self._presents is not None and self._presents[0] is self.keys:
-            return self._presents[1]
-        out = {}
-        for i, (k, v) in enumerate(zip(self.keys, self.values)):
-            kn, vn = names.present_kv(i)
-            out[kn], out[vn] = k, v
-        self._presents = (self.keys, out)
-        return out
+        return self._named(names.present_kv)
 
     def write(self, new: dict, counts: np.ndarray) -> None:
         """Puts a standard graph's ``new_key_i``/``new_value_i`` (batch, kv_heads, seq, head_dim) at each

@@ -178,16 +178,16 @@ class Pipeline:
             if B > 1 and S > 1 and cache.lengths.any():
                 raise ValueError(f"{name} is a gqa graph: a batch of multi-token chunks must start from an empty cache")
             # The graph writes each row's chunk at its length, into the very buffers it reads.
-            out = self._run(name, outputs=cache.presents(), inputs_embeds=embeds,  # RoPE positions: the slots
+            out = self._run(name, outputs=cache.presents, inputs_embeds=embeds,  # RoPE positions: the slots
                             seqlens_k=(cache.lengths + counts - 1).astype(np.int32),
-                            total_sequence_length=np.array(cache.length + S, np.int32), **cache.feeds())
+                            total_sequence_length=np.array(cache.length + S, np.int32), **cache.feeds)
             cache.commit(counts)
             return out["hidden_states"]
         C = cache.capacity
         inner = np.tril(np.ones((S, S), bool)) if causal else np.ones((S, S), bool)
         inner = np.broadcast_to(inner, (B, S, S)) if chunk_valid is None else inner[None] & chunk_valid[:, None, :]
         mask = np.concatenate([np.broadcast_to(cache.valid[:, None, :], (B, S, C)), inner], axis=2)
-        out = self._run(name, inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **cache.feeds())
+        out = self._run(name, inputs_embeds=embeds, position_ids=pos, attention_mask=mask, **cache.feeds)
         if commit or chunk_valid is not None:
             cache.write(out, counts)
             cache.commit(counts)

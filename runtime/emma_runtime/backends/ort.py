@@ -89,15 +89,8 @@ def _copy_rows_to_cuda(dst: OrtDeviceArray, src: np.ndarray, starts, counts) -> 
     from .trt import _Cuda, _import_cudart
 
     cuda = _Cuda(_import_cudart())
-    B, H, cap, hd = dst.shape
-    S = src.shape[2]
-    isz = dst.dtype.itemsize
-    kind = cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice
-    for b, (s, n) in enumerate(zip(starts, counts)):
-        if n:
-            cuda.check(cuda.rt.cudaMemcpy2D(dst.ptr + (b * H * cap + int(s)) * hd * isz, cap * hd * isz,
-                                            src.ctypes.data + b * H * S * hd * isz, S * hd * isz, int(n) * hd * isz, H, kind),
-                       "KV cache write")
+    cuda.rows_2d(dst.ptr, dst.shape, src.ctypes.data, src.shape[2], dst.dtype.itemsize, starts, counts,
+                 cuda.rt.cudaMemcpyKind.cudaMemcpyHostToDevice)
 
 
 _NO_FILES: str | None = None

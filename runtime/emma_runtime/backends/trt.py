@@ -91,6 +91,17 @@ class _Cuda:
             self.check(self.rt.cudaMemcpyAsync(dst, src, nbytes, self.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, stream),
                        "device copy")
 
+    def rows_2d(self, dst: int, dst_shape, src: int, seq: int, itemsize: int, starts, counts, kind, stream=None) -> None:
+        """A chunk's new keys into a cache layer, one 2-D copy per row (heads x its new positions):
+        dst (batch, heads, capacity, head_dim) at ``dst``, src (batch, heads, seq, head_dim) at ``src``;
+        row b's first counts[b] positions land at starts[b]. Synchronous without a stream."""
+        B, H, cap, hd = dst_shape
+        for b, (s, n) in enumerate(zip(starts, counts)):
+            if n:
+                args = (dst + (b * H * cap + int(s)) * hd * itemsize, cap * hd * itemsize,
+                        src + b * H * seq * hd * itemsize, seq * hd * itemsize, int(n) * hd * itemsize, H, kind)
+                self.check(self.rt.cudaMemcpy2D(*args) if stream is None else self.rt.cudaMemcpy2DAsync(*args, stream), "KV cache write")
+
     def sync(self, stream) -> None:
         self.check(self.rt.cudaStreamSynchronize(stream), "stream synchronize")
 
@@ -363,15 +374,8 @@ class TrtBackend:
         """Per row one 2-D copy on the stream (heads x new positions): the engine's new keys into the cache."""
         if not isinstance(src, DeviceArray):
             src = self.from_host(np.ascontiguousarray(src, dtype=dst.dtype))
-        B, H, cap, hd = dst.shape
-        S = src.shape[2]
-        isz = dst.dtype.itemsize
-        rt = self.cuda.rt
-        for b, (s, n) in enumerate(zip(starts, counts)):
-            if n:
-                self.cuda.check(rt.cudaMemcpy2DAsync(dst.ptr + (b * H * cap + int(s)) * hd * isz, cap * hd * isz,
-                                                     src.ptr + b * H * S * hd * isz, S * hd * isz, int(n) * hd * isz, H,
-                                                     rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream), "KV cache write")
+        self.cuda.rows_2d(dst.ptr, dst.shape, src.ptr, src.shape[2], dst.dtype.itemsize, starts, counts,
+                          self.cuda.rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, self.stream)
 
     def copy(self, dst: DeviceArray, src: DeviceArray) -> None:
         if dst.nbytes != src.nbytes:
