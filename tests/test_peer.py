@@ -166,3 +166,19 @@ def test_bench_with_the_peer(tiny_bundle, tmp_path):
     assert rep.machine["read_bandwidth"]["floor_uses_gbs"] > 0
     assert (tmp_path / "peer" / "qwen3" / "config.json").is_file()
     assert plot(rep, tmp_path / "p.png").stat().st_size > 0
+
+
+def test_a_users_folder_is_never_written_as_the_peer_dir(tiny_bundle, tmp_path):
+    from emma_export.peer.ort_genai import PEER_MARKER, PeerError, prepare
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(PeerError, match="not a peer folder"):
+        prepare(tiny_bundle, mine)
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    f = tmp_path / "a-file"
+    f.write_text("x")
+    with pytest.raises(PeerError, match="not a peer folder"):
+        prepare(tiny_bundle, f)
+    assert not (tmp_path / "new" / PEER_MARKER).exists()

@@ -96,6 +96,19 @@ class OrtGenaiPeer:
     weight_bytes: int  # of the Qwen3 folder it was built from
 
 
+PEER_MARKER = ".emma-bench-peer"
+
+
+def _claim(work: Path) -> Path:
+    """``--peer-dir`` is rewritten on every run: it must be new, empty, or one this command made (its
+    marker file); anything else is a user's folder and is refused, not written into."""
+    if work.exists() and (not work.is_dir() or (any(work.iterdir()) and not (work / PEER_MARKER).is_file())):
+        raise PeerError(f"{work}: exists and is not a peer folder emma-bench made (no {PEER_MARKER}): give a new or empty --peer-dir")
+    work.mkdir(parents=True, exist_ok=True)
+    (work / PEER_MARKER).write_text("written by emma-bench --peer; rewritten on every run\n")
+    return work
+
+
 def prepare(bundle_dir: str | Path, work_dir: str | Path, model=None) -> OrtGenaiPeer:
     """The bundle's Und branch as a Qwen3 folder (``work_dir/qwen3``), built at the bundle's precision
     (``work_dir/ort-genai-<p>``) and loaded. ``model``: the bundle's reference model when the caller
@@ -110,7 +123,7 @@ def prepare(bundle_dir: str | Path, work_dir: str | Path, model=None) -> OrtGena
     reason = skip_reason(precision)
     if reason:
         raise PeerError(reason)
-    work = Path(work_dir)
+    work = _claim(Path(work_dir))
     folder = write_bundle_qwen3(bundle, work / "qwen3", model=model)
     built = build(folder.path, work / f"ort-genai-{builder_precision(precision)}", precision)
     return OrtGenaiPeer(OrtGenaiDecoder(built.path), built, folder.weight_bytes)
