@@ -34,6 +34,10 @@ class Row:
     passed: bool | None
     engine: str
     policy: str = ""
+    # the tensors the graph stores, and what `plan` predicts for them (size_check.py)
+    weight_bytes: int = 0
+    plan_bytes: int = 0
+    size_off: bool = False
 
 
 @dataclass
@@ -58,6 +62,8 @@ class BuildReport:
     bundle_bytes: int = 0
     # a task-subset bundle's tasks (``--tasks``); empty: every task
     bundle_tasks: list[str] = field(default_factory=list)
+    # `plan`'s weight bytes for the bundle on disk (each graph's, the tied embedding once)
+    plan_bundle_weights: int = 0
 
     @property
     def passed(self) -> bool:
@@ -385,16 +391,33 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
     return v
 
 
-def _rows(bundle, verdict: Verdict, engine_state: dict, t) -> list[Row]:
+def _rows(bundle, verdict: Verdict, engine_state: dict, t, only: tuple[str, ...] = ()) -> list[Row]:
+    from .size_check import compare
+
     m = bundle.manifest
+    sizes = {s.component: s for s in compare(bundle.root, only, t.is_gpu)}
     rows = []
     for name, info in m.components.items():
         r = verdict.components.get(name)
-        size = bundle.path(info.file).stat().st_size + sum(bundle.path(f).stat().st_size for f, _ in info.data_files)
+        s = sizes[name]
         eng = engine_state.get(name) or engine_state.get("*") or ("n/a (ONNX Runtime)" if not t.is_gpu else "no")
-        rows.append(Row(name, info.precision, size, None if r is None else r.rel_l2, None if r is None else r.tolerance,
-                        None if r is None else r.passed, eng, m.precision_policy.get(name, "")))
+        rows.append(Row(name, info.precision, s.bundle, None if r is None else r.rel_l2, None if r is None else r.tolerance,
+                        None if r is None else r.passed, eng, m.precision_policy.get(name, ""),
+                        weight_bytes=s.weights, plan_bytes=s.plan, size_off=s.off))
     return rows
+
+
+def _plan_bundle_weights(bundle, rows: list[Row]) -> int:
+    """`plan`'s bytes for the bundle on disk: every graph's, the tied embedding once where the
+    bundle stores it once (both graphs read one file)."""
+    from .export.tied_embedding import TIED_FILE
+
+    m = bundle.manifest
+    total = sum(r.plan_bytes for r in rows)
+    e, h = m.components.get("embed_tokens"), m.components.get("lm_head")
+    if e is not None and h is not None and TIED_FILE in {f for f, _ in e.data_files} & {f for f, _ in h.data_files}:
+        total -= next(r.plan_bytes for r in rows if r.component == "embed_tokens")
+    return total
 
 
 def _build(req: BuildRequest, t, echo) -> BuildReport:
@@ -423,10 +446,11 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
         engine_state = timed("engines", _engines, work, t, echo) if req.engines else {}
         verdict = stage_verify(req, t, work, ref, echo, seconds)
         bundle = Bundle.load(work, check_files=False)
-        report = BuildReport(str(req.out), bundle.manifest.config_name, req.precision, t.name, _rows(bundle, verdict, engine_state, t),
+        rows = _rows(bundle, verdict, engine_state, t, req.only)
+        report = BuildReport(str(req.out), bundle.manifest.config_name, req.precision, t.name, rows,
                              verdict.e2e, verdict.e2e_passed, verdict.verify_passed, verdict.failures, seconds, details,
                              verdict.tasks, sorted(req.only), bundle_bytes=bundle_bytes(work, bundle.manifest.components.values()),
-                             bundle_tasks=list(bundle.manifest.tasks))
+                             bundle_tasks=list(bundle.manifest.tasks), plan_bundle_weights=_plan_bundle_weights(bundle, rows))
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not req.force:
             f = verdict.failures
@@ -468,18 +492,26 @@ def print_report(rep: BuildReport) -> None:
 
     only = f" ({', '.join(rep.bundle_tasks)} only)" if rep.bundle_tasks else ""
     tab = Table(title=f"build {rep.config}{only} {rep.precision} -> {rep.target}: {rep.out}")
-    for col in ("component", "precision", "size", "rel L2", "tolerance", "pass", "engine built"):
-        tab.add_column(col)
+    for col in ("component", "precision", "bundle", "weights", "plan", "weights/plan", "rel L2", "tolerance", "pass", "engine built"):
+        tab.add_column(col, justify="right" if col in ("bundle", "weights", "plan", "weights/plan") else "left")
     for r in rep.rows:
         err = "-" if r.rel_l2 is None or not math.isfinite(r.rel_l2) else f"{r.rel_l2:.3g}"
         tol = "-" if r.tolerance is None else f"{r.tolerance:g}"
         ok = "-" if r.passed is None else ("yes" if r.passed else "[red]NO")
-        tab.add_row(r.component, r.precision, _size(r.bytes), err, tol, ok, r.engine)
+        tab.add_row(r.component, r.precision, _size(r.bytes), _size(r.weight_bytes), _size(r.plan_bytes), _ratio(r), err, tol, ok, r.engine)
     total = rep.bundle_bytes or sum(r.bytes for r in rep.rows)
-    tab.add_row("[bold]total (shared files once)", "", f"[bold]{_size(total)}", "", "", "", "")
+    plan_total = rep.plan_bundle_weights
+    vs = f"{total / plan_total:.3f} (files)" if plan_total else ""
+    tab.add_row("[bold]total (shared files once)", "", f"[bold]{_size(total)}", "", _size(plan_total) if plan_total else "", vs, "", "", "", "")
     con = Console()
-    con = Console(width=max(con.width, 132))  # the table reads badly wrapped (CI logs are 80 wide)
+    con = Console(width=max(con.width, 150))  # the table reads badly wrapped (CI logs are 80 wide)
     con.print(tab)
+    from .size_check import FLOOR_BYTES, SIZE_TOLERANCE
+
+    off = [r.component for r in rep.rows if r.size_off]
+    con.print(f"size: bundle = the graph and its data files, weights = the tensors it stores, plan = `emma-export plan`'s weight "
+              f"bytes; a component is OFF when its weights differ from plan by > {SIZE_TOLERANCE:.0%} (plan >= {FLOOR_BYTES // 1024} kB; "
+              f"below, marked ~, folded and shared constants are more than that)" + (f"; [red]OFF: {', '.join(off)}" if off else ""))
     for k, v in rep.e2e.items():
         if k == "skipped":
             con.print(f"e2e: skipped: {v.get('reason')}")
@@ -499,6 +531,17 @@ def print_report(rep: BuildReport) -> None:
                 tt.add_row(k, f"{v:.3f}", f"{ref:.3f}", f"{d:+.1f} pts")
         con.print(tt)
     con.print("  ".join(f"{k} {v:.1f}s" for k, v in rep.seconds.items()))
+
+
+def _ratio(r: Row) -> str:
+    from .size_check import FLOOR_BYTES
+
+    if not r.plan_bytes:
+        return "-"
+    text = f"{r.weight_bytes / r.plan_bytes:.3f}"
+    if r.size_off:
+        return f"[red]{text} OFF"
+    return text if r.plan_bytes >= FLOOR_BYTES else f"~{text}"
 
 
 def _size(n: int) -> str:

@@ -6,21 +6,30 @@ widths; nothing is measured. Sizes are in GiB (2**30 bytes).
 **Weights** are counted per runtime graph, because each graph (ONNX session or TensorRT engine)
 holds its own copy: the token embedding is held twice (the ``embed_tokens`` Gather and the tied
 ``lm_head``), the shallow layers' shared Q/K projections twice (``backbone_und`` and
-``backbone_gen``), and both vision experts are loaded. Bytes per parameter (the policy):
+``backbone_gen``), and both vision experts are loaded. The bytes of each graph are what the
+precision policy stores (``weight_bytes.py``, which matches the policy's own node patterns against
+every parameter): quantized GEMM weights, their scales, and everything else at the component's high
+precision, which is **fp32 on the cpu target** and fp16 on GPU targets (``quantize/policy.py``):
 
-============  ==========================  ===========================  ============================
-precision     Linear/Conv weights          LLM layer Linear weights     everything else (norms,
-              (AE, ViT, adapters, heads)   (backbone_und/_gen)          biases, embeddings, position
-                                                                        tables, the tied LM head)
-============  ==========================  ===========================  ============================
-fp32          4                            4                            4
-fp16, bf16    2                            2                            2
-int8, fp8     1                            1                            2
-int4w         2                            0.5 + 2/128 (an fp16 scale   2
-                                           per group of 128 weights)
-============  ==========================  ===========================  ============================
+==========  ============================================  ==============================================
+precision   quantized GEMM weights (+ scales)              everything else (cpu target / GPU targets)
+==========  ============================================  ==============================================
+fp32        none                                           4 / 4
+fp16, bf16  none                                           2 / 2 (norms, router, timestep MLP: 4)
+int8, fp8   1 B, + per output channel a scale (4 / 2 B)    4 / 2
+            and a zero point (1 B); the LM head too
+int4w       0.5 B, + one scale (4 / 2 B) per block of      4 / 2 (norms 4 on GPU targets)
+            ``block_size`` weights along K; backbones only
+==========  ============================================  ==============================================
 
-Per-channel int8/fp8 scales (one per output row) are left out: under 0.1 % of the weights.
+What the policy keeps high is counted high: ``gen_head`` is fp32 at every precision, the token
+embedding (a Gather) and, at int4w, the LM head stay high, fp8 keeps ``gen_adapter`` high, int8
+keeps the SwiGLU down projections, the autoencoders' attention and full-resolution stages and (small
+widths) the trunk's attention projections high, int4w at small widths keeps the attention
+projections high (INT4 goes to the MLPs); Model Optimizer's own shape rules (``modelopt_skips``:
+K or N under 16, small-channel convolutions, FP8 filters over 32 taps) are applied as it applies
+them. The fused (gqa) Und backbone of ONNX Runtime targets also holds RoPE tables for every
+position of the cache (2 x max_context x head_dim/2). ``weights_detail`` keeps the split per graph.
 
 **KV cache** = ``cfg.kv_bytes_per_token(kv_bytes)`` x context x rows, with ``kv_bytes`` 4 for an
 fp32 bundle (its backbone emits fp32 keys/values), 1 for fp8 and 2 otherwise. ``rows`` is what the
@@ -51,24 +60,13 @@ from .config import EMMAConfig
 from .targets import Target, check_precision, normalize_precision
 
 GIB = 2**30
-INT4_GROUP = 128
-
-#: bytes per parameter of each class, per precision (see the module docstring)
-BYTES_PER_PARAM: dict[str, dict[str, float]] = {
-    "fp32": {"matmul": 4, "llm_matmul": 4, "other": 4},
-    "fp16": {"matmul": 2, "llm_matmul": 2, "other": 2},
-    "bf16": {"matmul": 2, "llm_matmul": 2, "other": 2},
-    "int8": {"matmul": 1, "llm_matmul": 1, "other": 2},
-    "fp8": {"matmul": 1, "llm_matmul": 1, "other": 2},
-    "int4w": {"matmul": 2, "llm_matmul": 0.5 + 2 / INT4_GROUP, "other": 2},
-}
 KV_BYTES = {"fp32": 4, "fp8": 1}  # else 2
 GUIDANCE_ROWS = 3  # editing: text+image, image only, none
 
 
 @dataclass(frozen=True)
 class ParamSplit:
-    """Parameters a runtime graph holds, by class (see BYTES_PER_PARAM)."""
+    """Parameters a runtime graph holds: Linear/Conv weights outside and inside the LLM layers, the rest."""
 
     matmul: int = 0
     llm_matmul: int = 0
@@ -77,10 +75,6 @@ class ParamSplit:
     @property
     def total(self) -> int:
         return self.matmul + self.llm_matmul + self.other
-
-    def bytes(self, precision: str) -> float:
-        b = BYTES_PER_PARAM[precision]
-        return self.matmul * b["matmul"] + self.llm_matmul * b["llm_matmul"] + self.other * b["other"]
 
 
 @lru_cache(maxsize=8)
@@ -133,12 +127,29 @@ def graph_params(cfg: EMMAConfig, tasks: tuple[str, ...] = ()) -> dict[str, Para
 TIED_ONCE = ("fp32", "fp16", "int4w")
 
 
-def shared_embedding_bytes(cfg: EMMAConfig, precision: str, tasks: tuple[str, ...] = ()) -> int:
-    """Bytes a bundle does not store twice: the embedding table, when both graphs hold it."""
-    params = graph_params(cfg, tasks)
-    if precision not in TIED_ONCE or "lm_head" not in params or "embed_tokens" not in params:
+def graph_weights(cfg: EMMAConfig, precision: str, target_is_gpu: bool, attention: str | None = None,
+                  tasks: tuple[str, ...] = ()):
+    """Predicted stored bytes per runtime graph (``weight_bytes.WeightBytes``), as the precision policy
+    stores them for a cpu (False) or GPU (True) target; ``attention``: the Und backbone's flavour
+    (default: the one the build picks for the target). With ``tasks``, only their graphs."""
+    from emma_runtime import names
+
+    from .weight_bytes import predict
+
+    if attention is None:
+        from .components import gqa_possible
+
+        attention = names.ATTENTION_GQA if not target_is_gpu and gqa_possible(cfg) else names.ATTENTION_STANDARD
+    keep = set(names.required(cfg.vision.num_experts, tuple(tasks) or None, cfg.reference_branch))
+    return {k: v for k, v in predict(cfg, precision, target_is_gpu, attention).items() if k in keep}
+
+
+def shared_embedding_bytes(weights: dict[str, int], precision: str) -> int:
+    """Bytes a bundle does not store twice: the embedding table (all of ``embed_tokens``' weights),
+    when both graphs hold it in the same bytes."""
+    if precision not in TIED_ONCE or "lm_head" not in weights or "embed_tokens" not in weights:
         return 0
-    return int(math.ceil(params["embed_tokens"].bytes(precision)))
+    return weights["embed_tokens"]
 
 
 # ---- KV cache and activations -------------------------------------------------------------------
@@ -226,6 +237,8 @@ class MemoryPlan:
     tasks: tuple[str, ...] = ()
     # weight bytes a bundle stores once though two graphs hold them (the tied embedding)
     stored_once: int = 0
+    # per runtime graph, its weight bytes by how they are stored (weight_bytes.WeightBytes)
+    weights_detail: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def weights_total(self) -> int:
@@ -243,19 +256,31 @@ class MemoryPlan:
         return d
 
 
-def _totals(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str, tasks: tuple[str, ...] = ()):
+def _totals(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str, tasks: tuple[str, ...] = (),
+            gpu: bool = True, attention: str | None = None):
     params = graph_params(cfg, tasks)
-    weights = {k: int(math.ceil(s.bytes(precision))) for k, s in params.items()}
+    detail = graph_weights(cfg, precision, gpu, attention, tasks)
+    weights = {k: d.total for k, d in detail.items()}
     kv = kv_cache_bytes(cfg, precision, context, cfg_mode, tasks)
     acts = activation_bytes(cfg, precision, context, image, cfg_mode, tasks)
     peak = max(acts.values())
-    return params, weights, kv, acts, peak, sum(weights.values()) + kv + peak
+    return params, detail, weights, kv, acts, peak, sum(weights.values()) + kv + peak
 
 
-def _policy_line(precision: str) -> str:
-    b = BYTES_PER_PARAM[precision]
-    return (f"{precision}: Linear/Conv weights {b['matmul']:g} B, LLM layer Linear weights {b['llm_matmul']:g} B, "
-            f"norms/biases/embeddings/tied LM head {b['other']:g} B per parameter; KV cache {kv_bytes_per_el(precision)} B")
+def _policy_line(precision: str, gpu: bool) -> str:
+    from .quantize.policy import high_precision_for
+    from .weight_bytes import QUANTIZED_BYTES
+
+    hp = high_precision_for(gpu) if precision in QUANTIZED_BYTES else precision
+    where = "GPU targets" if gpu else "the cpu target"
+    if precision in QUANTIZED_BYTES:
+        scales = ("one scale per block along K" if precision == "int4w"
+                  else "a scale and a zero point per output channel")
+        head = (f"{precision} on {where}: quantized GEMM weights {QUANTIZED_BYTES[precision]:g} B ({scales}), "
+                f"everything else and the GEMMs the policy keeps high {hp}")
+    else:
+        head = f"{precision}: every weight {precision}" + ("" if precision == "fp32" else ", norms and the policy's kept nodes fp32")
+    return f"{head}; gen_head fp32; KV cache {kv_bytes_per_el(precision)} B"
 
 
 def min_context(cfg: EMMAConfig, image: int) -> int:
@@ -264,7 +289,8 @@ def min_context(cfg: EMMAConfig, image: int) -> int:
 
 
 def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | None = None,
-                image: int | None = None, cfg_mode: str = "batch", tasks: tuple[str, ...] = ()) -> MemoryPlan:
+                image: int | None = None, cfg_mode: str = "batch", tasks: tuple[str, ...] = (),
+                attention: str | None = None) -> MemoryPlan:
     """Weights, KV cache, activations and the fit on each of ``target``'s memory variants.
     Raises TargetError when the target cannot run ``precision``; ValueError for a context too short
     for one image."""
@@ -278,25 +304,27 @@ def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | 
     if context < min_context(cfg, image):
         raise ValueError(f"--context {context} is shorter than one {image}px image ({cfg.num_visual_tokens(image, image)} tokens) plus a token")
     tasks = tuple(dict.fromkeys(tasks))
-    params, weights, kv, acts, peak, total = _totals(cfg, precision, context, image, cfg_mode, tasks)
+    gpu = bool(target.is_gpu)
+    params, detail, weights, kv, acts, peak, total = _totals(cfg, precision, context, image, cfg_mode, tasks, gpu, attention)
     variants = []
     for mem in target.memory_gb:
         usable = mem - target.reserved_gb
         fits = total <= usable * GIB
-        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable, tasks)
+        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable, tasks, attention)
         variants.append(VariantFit(mem, usable, fits, round(usable - total / GIB, 3), advice))
     return MemoryPlan(
         config=cfg.name, precision=precision, target=target.name, context=context, image=image, cfg_mode=cfg_mode,
         weights=weights, parameters={k: s.total for k, s in params.items()}, kv_cache=kv, activations=acts,
-        activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision),
-        tasks=tasks, stored_once=shared_embedding_bytes(cfg, precision, tasks),
+        activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision, gpu),
+        tasks=tasks, stored_once=shared_embedding_bytes(weights, precision),
+        weights_detail={k: {**asdict(d), "total": d.total} for k, d in detail.items()},
     )
 
 
-def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=()) -> int | None:
+def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=(), gpu=True, attention=None) -> int | None:
     """The longest context below ``below`` (a multiple of 256 where possible) that fits ``budget``."""
     lo_ctx = min_context(cfg, image)
-    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode, tasks)[-1] <= budget
+    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode, tasks, gpu, attention)[-1] <= budget
     if below <= lo_ctx or not fits(lo_ctx):
         return None
     lo, hi = lo_ctx, below - 1
@@ -306,11 +334,12 @@ def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=
     return max(lo_ctx, (lo // 256) * 256)
 
 
-def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb, tasks=()) -> str:
+def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb, tasks=(), attention=None) -> str:
     """What to change so the plan fits ``usable_gb``: a lower precision the target runs (the widest
     that fits), a shorter context, sequential guidance, or a combination of precision and context."""
     budget = usable_gb * GIB
-    total = lambda p, c, m=cfg_mode: _totals(cfg, p, c, image, m, tasks)[-1]
+    gpu = bool(target.is_gpu)
+    total = lambda p, c, m=cfg_mode: _totals(cfg, p, c, image, m, tasks, gpu, attention)[-1]
     mine = total(precision, context)
     lower = sorted(((total(p, context), p) for p in target.precisions if p != precision), reverse=True)
     lower = [(t, p) for t, p in lower if t < mine]  # widest first
@@ -319,14 +348,14 @@ def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb, tasks=(
         if t <= budget:
             options.append(f"--precision {p} ({t / GIB:.1f} GiB)")
             break
-    c = _longest_context(cfg, precision, image, cfg_mode, budget, context, tasks)
+    c = _longest_context(cfg, precision, image, cfg_mode, budget, context, tasks, gpu, attention)
     if c is not None:
         options.append(f"--context {c} ({total(precision, c) / GIB:.1f} GiB)")
     if cfg_mode == "batch" and total(precision, context, "sequential") <= budget:
         options.append(f"--cfg-mode sequential ({total(precision, context, 'sequential') / GIB:.1f} GiB)")
     if not options:
         for _, p in lower:
-            c = _longest_context(cfg, p, image, cfg_mode, budget, context, tasks)
+            c = _longest_context(cfg, p, image, cfg_mode, budget, context, tasks, gpu, attention)
             if c is not None:
                 options.append(f"--precision {p} --context {c} ({total(p, c) / GIB:.1f} GiB)")
                 break

@@ -49,18 +49,22 @@ def plan(config_name, precision, target_name, context, image, cfg_mode, tasks, a
     from rich.table import Table
 
     only = f" ({', '.join(p.tasks)} only)" if p.tasks else ""
-    t = Table(title=f"EMMA {p.config}{only} at {p.precision} on {p.target}: memory (GiB)")
+    t = Table(title=f"EMMA {p.config}{only} at {p.precision} on {p.target}: memory (GiB), weights per graph (MB)")
     t.add_column("item")
     t.add_column("parameters", justify="right")
-    t.add_column("GiB", justify="right")
+    # the weight bytes by how the policy stores them (weight_bytes.WeightBytes)
+    for col in ("weights MB", "quantized", "scales", "high", "kept fp32", "tables", "GiB"):
+        t.add_column(col, justify="right")
+    mb = lambda n: f"{n / 1e6:,.3f}" if n else "-"
     for k, b in p.weights.items():
-        t.add_row(k, f"{p.parameters[k]:,}", gib(b))
-    t.add_row("[bold]weights", f"{sum(p.parameters.values()):,}", f"[bold]{gib(p.weights_total)}")
-    t.add_row(f"KV cache ({p.context} tokens, {kv_rows(p.cfg_mode, p.tasks)} rows, {p.cfg_mode} guidance)", "", gib(p.kv_cache))
+        d = p.weights_detail.get(k, {})
+        t.add_row(k, f"{p.parameters[k]:,}", mb(b), *(mb(d.get(c, 0)) for c in ("quantized", "scales", "high", "kept_fp32", "tables")), gib(b))
+    t.add_row("[bold]weights", f"{sum(p.parameters.values()):,}", f"[bold]{mb(p.weights_total)}", "", "", "", "", "", f"[bold]{gib(p.weights_total)}")
+    t.add_row(f"KV cache ({p.context} tokens, {kv_rows(p.cfg_mode, p.tasks)} rows, {p.cfg_mode} guidance)", "", "", "", "", "", "", "", gib(p.kv_cache))
     phase = max(p.activations, key=p.activations.get)
-    t.add_row(f"activations (peak: {phase})", "", gib(p.activation_peak))
-    t.add_row("[bold]total", "", f"[bold]{gib(p.total)}")
-    con = Console()
+    t.add_row(f"activations (peak: {phase})", "", "", "", "", "", "", "", gib(p.activation_peak))
+    t.add_row("[bold]total", "", "", "", "", "", "", "", f"[bold]{gib(p.total)}")
+    con = Console(width=max(Console().width, 140))  # the table reads badly wrapped
     con.print(t)
     click.echo(f"policy: {p.policy}")
     saved = f", the tied embedding stored once ({p.stored_once / 1e6:,.1f} MB less)" if p.stored_once else \
