@@ -31,13 +31,24 @@ class Precision:
 # mantissa bits, ~2.5% RMS per quantized tensor, compounding over the ViT's GEMMs; backbone
 # 0.085-0.095); int4w 0.16 (backbone_und, weight-only, block 16). fp16 and bf16 keep their issue #3
 # values (the torch-dtype exports of `export --dtype` share them).
+#
+# int4w backbone_und 0.5 (issue 23): small's int4w build measured 0.383-0.414 there (backbone_gen 0.084)
+# and a correct INT4 of the same weights does no better. Model Optimizer's RTN (symmetric, amax/7 per
+# block of 128 along K) applied in PyTorch to every Und GEMM of small's random weights, checked as verify
+# checks (worst output over 24 held-out feeds): 0.426 on the hidden states, 0.460 worst (new_key_7); block
+# 64 0.427, 32 0.387, 16 0.333. The Und branch compounds it: its inputs are random-init token embeddings
+# (rms 0.0196, against the Gen branch's 0.724), so each layer's output is its own random branch and the
+# error grows layer by layer (keys 0.13 after layer 0, 0.31 after layer 1, 0.46 after layer 7; the same
+# RTN on the Gen branch 0.12 -> 0.18). 0.5 still fails broken INT4: each output row dequantized with its
+# neighbour's scales measured 0.781, truncation instead of rounding 398.6. The other components keep 0.25.
 _TABLE = (
     Precision("fp32", quantized=False, tolerance=1e-4),
     Precision("fp16", quantized=False, tolerance=1e-2),
     Precision("bf16", quantized=False, tolerance=4e-2, min_compute_capability=(8, 0)),
     Precision("int8", quantized=True, tolerance=1e-1),
     Precision("fp8", quantized=True, tolerance=1.5e-1, min_compute_capability=(8, 9)),
-    Precision("int4w", quantized=True, tolerance=2.5e-1, min_compute_capability=(8, 0)),
+    Precision("int4w", quantized=True, tolerance=2.5e-1, component_tolerance={"backbone_und": 5e-1},
+              min_compute_capability=(8, 0)),
 )
 BY_NAME: dict[str, Precision] = {p.name: p for p in _TABLE}
 
