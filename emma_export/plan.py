@@ -52,7 +52,6 @@ reuse activation memory within a graph); ``a`` = 4 bytes for fp32, else 2 (fp16 
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 

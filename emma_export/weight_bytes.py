@@ -87,10 +87,6 @@ class WeightBytes:
     def total(self) -> int:
         return self.quantized + self.scales + self.high + self.kept_fp32 + self.tables
 
-    def __add__(self, o: "WeightBytes") -> "WeightBytes":
-        return WeightBytes(self.quantized + o.quantized, self.scales + o.scales, self.high + o.high,
-                           self.kept_fp32 + o.kept_fp32, self.tables + o.tables)
-
 
 # ---- what each graph holds ------------------------------------------------------------------------
 
@@ -195,7 +191,7 @@ def component_bytes(tensors, p) -> WeightBytes:
     if p.method == "none":
         return WeightBytes(high=FP32 * sum(t.numel for t in tensors))
     hp = FP32 if p.high_precision == "fp32" else FP16
-    acc = dict(quantized=0.0, scales=0.0, high=0, kept_fp32=0, tables=0)
+    acc = {"quantized": 0.0, "scales": 0.0, "high": 0, "kept_fp32": 0, "tables": 0}
 
     def kept(t: PlannedTensor) -> bool:
         return _matches(t.node, p.keep_fp32) or (t.op and t.op in p.keep_fp32_ops)
@@ -228,7 +224,7 @@ def component_bytes(tensors, p) -> WeightBytes:
             acc["kept_fp32"] += FP32 * t.numel  # apply_plan's fp16 conversion after INT4 keeps norms fp32
         else:
             acc["high"] += hp * t.numel
-    return WeightBytes(**{k: int(math.ceil(v)) for k, v in acc.items()})
+    return WeightBytes(**{k: math.ceil(v) for k, v in acc.items()})
 
 
 def predict(cfg: EMMAConfig, precision: str, target_is_gpu: bool, attention: str = names.ATTENTION_STANDARD,

@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from emma_export.quantize.policy import Plan
-from emma_export.weight_bytes import FP16, FP32, Gemm, PlannedTensor, component_bytes, modelopt_skips
+from emma_export.weight_bytes import (
+    FP16,
+    FP32,
+    Gemm,
+    PlannedTensor,
+    component_bytes,
+    modelopt_skips,
+)
 
 
 def _linear(node: str, k: int, n: int) -> PlannedTensor:
@@ -70,7 +77,6 @@ def test_modelopt_conv_rule_is_model_optimizers(mode):
     distinguishes, against ``modelopt_skips``: a Model Optimizer upgrade that changes it fails here."""
     pytest.importorskip("modelopt.onnx.quantization", reason="the quant extra is not installed")
     import numpy as np
-    import onnx
     import onnx_graphsurgeon as gs
     from modelopt.onnx.quantization.graph_utils import find_nodes_from_convs_to_exclude
     from onnx import TensorProto, helper, numpy_helper
