@@ -22,6 +22,7 @@ from ..config import EMMAConfig
 from .onnx_export import export_component
 from .out_dir import check_out, replace_dir, temp_sibling
 from .source import WeightSource
+from .streamed_export import threshold as streamed_threshold
 
 ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
@@ -101,8 +102,9 @@ def export_bundle(
                 if bar:
                     bar.update(task, description=f"export {comp.name}")
                 t0 = time.perf_counter()
-                model = source.model_for(comp, dtype)
                 f = tmp / f"{comp.name}.onnx"
+                # past the threshold the weights are streamed from the source, never all in memory
+                model = source if source.weight_bytes(comp, dtype) > streamed_threshold() else source.model_for(comp, dtype)
                 export_component(comp, cfg, model, f, dtype=dtype)
                 del model
                 inputs, outputs = graph_io(f)
