@@ -202,8 +202,9 @@ def build(*, echo: Callable[[str], None] = print, **kw) -> BuildReport:
         raise BuildError(f"--attention gqa is ONNX Runtime's fused graph, for ONNX Runtime targets (not {t.name}): "
                          f"use --attention standard")
     _check_kv_cache(req)
-    if req.kv_cache == "fp8" and req.attention is None and req.source_bundle is None and t.flavour == "ort":
-        echo("kv cache: fp8: backbone_und is the standard graph (ONNX Runtime's GroupQueryAttention has no FP8 cache on the CPU)")
+    if req.kv_cache in ("fp16", "fp8") and req.attention is None and req.source_bundle is None and t.flavour == "ort" and echo:
+        echo(f"kv cache: {req.kv_cache}: backbone_und is the standard graph (ONNX Runtime's GroupQueryAttention has no "
+             f"{req.kv_cache.upper()} cache on the CPU)")
     req = replace(req, out=check_out(req.out, "bundle", req.overwrite), world=_world_spec(req))
     if req.only:
         _check_components(req.only, req.precision, req.config_name, req.checkpoint, req.source_bundle)
@@ -213,22 +214,23 @@ def build(*, echo: Callable[[str], None] = print, **kw) -> BuildReport:
 
 def _check_kv_cache(req: BuildRequest) -> None:
     """--kv-cache against the graph flavour, before any work: ONNX Runtime's GroupQueryAttention takes
-    an int8 cache but no FP8 one on the CPU."""
-    from .quantize.kv_cache import KV_CACHE_CHOICES
+    an int8 cache but no FP8 (or fp16) one on the CPU."""
+    from .quantize.kv_cache import GQA_KV_CACHES, KV_CACHE_CHOICES
 
-    if req.kv_cache not in KV_CACHE_CHOICES:
-        raise BuildError(f"unknown --kv-cache {req.kv_cache!r}; choose one of {', '.join(KV_CACHE_CHOICES)}")
-    if req.kv_cache != "fp8":
+    kv = req.kv_cache
+    if kv not in KV_CACHE_CHOICES:
+        raise BuildError(f"unknown --kv-cache {kv!r}; choose one of {', '.join(KV_CACHE_CHOICES)}")
+    if kv in GQA_KV_CACHES:
         return
     if req.attention == "gqa":
-        raise BuildError("--kv-cache fp8 with --attention gqa: ONNX Runtime's GroupQueryAttention has no FP8 cache on the CPU; "
-                         "use --attention standard or --kv-cache int8")
+        raise BuildError(f"--kv-cache {kv} with --attention gqa: ONNX Runtime's GroupQueryAttention has no {kv.upper()} cache "
+                         f"on the CPU; use --attention standard or --kv-cache int8")
     if req.source_bundle is not None:
         from emma_runtime.bundle import Bundle
 
         und = Bundle.load(req.source_bundle, check_files=False).manifest.components.get("backbone_und")
         if und is not None and und.attention == "gqa":
-            raise BuildError(f"{req.source_bundle}: its backbone_und is a gqa graph, which takes no FP8 cache on the CPU: "
+            raise BuildError(f"{req.source_bundle}: its backbone_und is a gqa graph, which takes no {kv} cache on the CPU: "
                              f"start from `emma-export export --attention standard`, or use --kv-cache int8")
 
 

@@ -44,17 +44,20 @@ E2E_MIN: dict[str, dict[str, float]] = {
     "int4w": {"token_agreement": 0.5, "psnr_db": 30.0, "top5_agreement": 0.6,  # 1.0, 70 dB; 0.030 / 1.3e-3 / 9e-4, 0.96
               "logits_rel_l2": 0.3, "velocity_rel_l2": 0.02, "latents_rel_l2": 0.01},
 }
-# An 8-bit KV cache's own floors (the cache quantized per layer and tensor, on top of any precision):
-# `emma-export build --kv-cache` of tiny (fp32, quick calibration; standard and gqa graphs), worst of
-# logits / velocity / final latents rel L2 and PSNR: int8 6.8e-3 / 5.6e-4 / 4.0e-4, 77 dB; fp8 0.021 /
-# 1.6e-3 / 1.2e-3, 67 dB; tokens and top-5 all agreed. Floors about 10x above; the shapes-world figures
-# are in the README (KV cache section).
+# An 8-bit KV cache's own floors (the cache quantized per layer and tensor, on top of any precision).
+# Measured with `emma-export build --precision fp32 --kv-cache int8|fp8` (worst logits / velocity /
+# final latents rel L2, lowest PSNR; tokens and top-5 always agreed): tiny (quick calibration) int8
+# 6.8e-3 / 5.6e-4 / 4.0e-4, 77 dB; fp8 0.021 / 1.6e-3 / 1.2e-3, 67 dB; the trained shapes checkpoint
+# int8 1.9e-3 / 8.3e-3 / 2.7e-3, 53.7 dB; fp8 2.6e-3 / 0.042 / 9.4e-3, 47.7 dB (the velocity's worst
+# is the last, smallest step of an edit). Floors 2.4-10x above the worst of the two.
 E2E_KV_CACHE: dict[str, dict[str, float]] = {
-    "int8": {"token_agreement": 0.75, "psnr_db": 50.0, "top5_agreement": 0.8,
-             "logits_rel_l2": 0.07, "velocity_rel_l2": 6e-3, "latents_rel_l2": 5e-3},
-    "float8e4m3fn": {"token_agreement": 0.75, "psnr_db": 45.0, "top5_agreement": 0.8,
-                     "logits_rel_l2": 0.2, "velocity_rel_l2": 0.02, "latents_rel_l2": 0.015},
+    "int8": {"token_agreement": 0.75, "psnr_db": 40.0, "top5_agreement": 0.8,
+             "logits_rel_l2": 0.07, "velocity_rel_l2": 0.03, "latents_rel_l2": 0.02},
+    "float8e4m3fn": {"token_agreement": 0.75, "psnr_db": 35.0, "top5_agreement": 0.8,
+                     "logits_rel_l2": 0.2, "velocity_rel_l2": 0.1, "latents_rel_l2": 0.05},
 }
+# an fp16 cache rounds every cached value as an fp16 graph's activations do: fp16's floors
+E2E_KV_CACHE["float16"] = E2E_MIN["fp16"]
 _MINIMUMS = ("token_agreement", "psnr_db", "top5_agreement")
 DEFAULT_FLOOR = {"token_agreement": 0.5, "psnr_db": 20.0, "top5_agreement": 0.4,
                  "logits_rel_l2": 0.5, "velocity_rel_l2": 1.0, "latents_rel_l2": 0.5}

@@ -35,10 +35,11 @@ def default_attention(cfg: EMMAConfig, target: str, precision: str = "fp32", kv_
     Runtime target (the CPU; decode speed, docs/benchmarks.md) where the model's Und chunks are all
     causal; standard ONNX operators everywhere else (TensorRT parses only those). Every precision
     quantizes either flavour (captured feeds are converted, Component.from_captured). An FP8 KV cache
-    is standard everywhere: the operator takes no FP8 cache on ONNX Runtime's CPU provider."""
+    (or fp16 one) is standard everywhere: the operator takes neither on ONNX Runtime's CPU provider."""
+    from ..quantize.kv_cache import GQA_KV_CACHES
     from ..targets import load_target
 
-    if kv_cache == "fp8":
+    if kv_cache not in GQA_KV_CACHES:
         return "standard"
     return "gqa" if load_target(target).flavour == "ort" and gqa_possible(cfg) else "standard"
 

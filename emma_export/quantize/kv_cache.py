@@ -13,8 +13,9 @@ so the runtime only stores and moves bytes:
   CPU provider runs both (FP8 with graph optimizations off, as for FP8 precision graphs).
 - a **gqa** backbone gets ONNX Runtime's own quantized cache: ``GroupQueryAttention`` with an int8
   ``past_key``/``present_key`` and per-tensor ``k_scale``/``v_scale``. ONNX Runtime's CPU provider
-  has no FP8 cache for the operator (NOT_IMPLEMENTED in 1.32), so an FP8-cache build for an ONNX
-  Runtime target uses the standard flavour instead (``build`` says so).
+  has no FP8 cache for the operator, nor an fp16 one beside float32 compute (NOT_IMPLEMENTED in
+  1.32), so an fp8- or fp16-cache build for an ONNX Runtime target uses the standard flavour instead
+  (``build`` says so).
 
 Both backbones read the one cache (the Gen graph attends to what the Und graph wrote), so the
 scales are shared: ``scale_i = amax_i / qmax`` over every cached key (value) of layer ``i`` in the
@@ -45,6 +46,9 @@ DTYPE = {"fp32": "float32", "fp16": "float16", "int8": "int8", "fp8": FLOAT8}
 _ONNX = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "int8": TensorProto.INT8, "fp8": TensorProto.FLOAT8E4M3FN}
 #: bytes per cached element (``plan``)
 BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "fp8": 1}
+#: the caches ONNX Runtime's GroupQueryAttention runs on the CPU provider (with float32 compute): the
+#: others (fp16, fp8) make the standard graph (NOT_IMPLEMENTED in ONNX Runtime 1.32)
+GQA_KV_CACHES = ("auto", "fp32", "int8")
 
 Feed = dict[str, np.ndarray]
 
@@ -124,9 +128,11 @@ def rewrite_graph(m: onnx.ModelProto, kind: str, layers: int, scales: Scales | N
         raise ValueError(f"--kv-cache {kind} needs calibrated scales")
     gqa = [n for n in m.graph.node if n.op_type == "GroupQueryAttention"]
     if gqa:
-        if kind != "int8":
+        if kind not in GQA_KV_CACHES:
             raise ValueError(f"ONNX Runtime's GroupQueryAttention takes an int8 KV cache on the CPU, not {kind}: "
                              f"use the standard graph (--attention standard) for --kv-cache {kind}")
+        if kind == "fp32":
+            return
         _rewrite_gqa(m, gqa, layers, scales)
     else:
         _rewrite_standard(m, kind, layers, scales)
