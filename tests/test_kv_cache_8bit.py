@@ -190,3 +190,21 @@ def test_plan_fits_the_16_gb_orin_with_an_8_bit_cache():
                                   "--context", "8192", "--kv-cache", "int8"])
     assert r.exit_code == 0, r.output
     assert "KV cache int8 (1 B/value" in r.output and "16 GB (14 usable): fits" in r.output
+
+
+def test_an_fp16_cache_is_cast_in_the_standard_graph(tiny_bundle_standard, tiny_bundle, feeds, tiny_reference, tmp_path):
+    from emma_export.quantize.kv_cache import apply_to_bundle
+    from emma_runtime.backends import make_backend
+    from emma_runtime.pipelines import Pipeline
+
+    d = _with_cache(tiny_bundle_standard, tmp_path / "fp16", "fp16", None)
+    m = Bundle.load(d).manifest
+    assert m.kv_cache.dtype == "float16" and m.kv_cache.key_scales == ()
+    assert m.components[names.BACKBONE_GEN].tensor("new_value_1").dtype == "float16"
+    assert Pipeline(Bundle.load(d), make_backend("ort", "cpu")).kv_dtype == np.float16
+    res = _backbones(d, tiny_reference, feeds[1])
+    assert all(r.passed and 0 < r.rel_l2 < 1e-2 for r in res.values()), {k: r.rel_l2 for k, r in res.items()}
+    g = tmp_path / "gqa"
+    shutil.copytree(tiny_bundle, g)
+    with pytest.raises(ValueError, match="GroupQueryAttention takes an int8 KV cache on the CPU, not fp16"):
+        apply_to_bundle(g, "fp16", None)
