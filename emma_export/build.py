@@ -58,6 +58,8 @@ class BuildReport:
     bundle_bytes: int = 0
     # a task-subset bundle's tasks (``--tasks``); empty: every task
     bundle_tasks: list[str] = field(default_factory=list)
+    # the manifest's kv_cache (dtype, 8-bit scales) when --kv-cache chose one; empty: the export's float32
+    kv_cache: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -161,6 +163,9 @@ class BuildRequest:
     tasks: tuple[str, ...] = ()
     # the Und backbone's flavour ("standard" or "gqa"); None: the target's (bundle_writer.default_attention)
     attention: str | None = None
+    # the KV cache's dtype (quantize/kv_cache.py): auto keeps the export's float32 cache; fp16; int8 or
+    # fp8 with per-layer scales from the calibration capture
+    kv_cache: str = "auto"
 
 
 @dataclass
@@ -196,11 +201,37 @@ def build(*, echo: Callable[[str], None] = print, **kw) -> BuildReport:
     if req.attention == "gqa" and t.flavour != "ort":
         raise BuildError(f"--attention gqa is ONNX Runtime's fused graph, for ONNX Runtime targets (not {t.name}): "
                          f"use --attention standard")
+    _check_kv_cache(req)
+    if req.kv_cache in ("fp16", "fp8") and req.attention is None and req.source_bundle is None and t.flavour == "ort" and echo:
+        echo(f"kv cache: {req.kv_cache}: backbone_und is the standard graph (ONNX Runtime's GroupQueryAttention has no "
+             f"{req.kv_cache.upper()} cache on the CPU)")
     req = replace(req, out=check_out(req.out, "bundle", req.overwrite), world=_world_spec(req))
     if req.only:
         _check_components(req.only, req.precision, req.config_name, req.checkpoint, req.source_bundle)
     with _torch_threads_for_small_models(req.config_name, req.checkpoint, req.source_bundle):
         return _build(req, t, echo)
+
+
+def _check_kv_cache(req: BuildRequest) -> None:
+    """--kv-cache against the graph flavour, before any work: ONNX Runtime's GroupQueryAttention takes
+    an int8 cache but no FP8 (or fp16) one on the CPU."""
+    from .quantize.kv_cache import GQA_KV_CACHES, KV_CACHE_CHOICES
+
+    kv = req.kv_cache
+    if kv not in KV_CACHE_CHOICES:
+        raise BuildError(f"unknown --kv-cache {kv!r}; choose one of {', '.join(KV_CACHE_CHOICES)}")
+    if kv in GQA_KV_CACHES:
+        return
+    if req.attention == "gqa":
+        raise BuildError(f"--kv-cache {kv} with --attention gqa: ONNX Runtime's GroupQueryAttention has no {kv.upper()} cache "
+                         f"on the CPU; use --attention standard or --kv-cache int8")
+    if req.source_bundle is not None:
+        from emma_runtime.bundle import Bundle
+
+        und = Bundle.load(req.source_bundle, check_files=False).manifest.components.get("backbone_und")
+        if und is not None and und.attention == "gqa":
+            raise BuildError(f"{req.source_bundle}: its backbone_und is a gqa graph, which takes no {kv} cache on the CPU: "
+                             f"start from `emma-export export --attention standard`, or use --kv-cache int8")
 
 
 def _world_spec(req: BuildRequest) -> str | None:
@@ -307,7 +338,7 @@ def stage_export(req: BuildRequest, t, work: Path):
         except (ValueError, OSError) as e:
             raise BuildError(str(e)) from None
         export_bundle(src, work, target=t.name, progress=req.progress, tasks=req.tasks,
-                      attention=req.attention or default_attention(src.cfg, t.name, req.precision))
+                      attention=req.attention or default_attention(src.cfg, t.name, req.precision, req.kv_cache))
     return Bundle.load(work)
 
 
@@ -340,6 +371,23 @@ def stage_quantize(req: BuildRequest, t, work: Path, feeds, echo) -> dict:
     except ValueError as e:
         raise BuildError(str(e)) from None
     return {o.component: o.details for o in outcomes}
+
+
+def stage_kv_cache(req: BuildRequest, work: Path, feeds, echo) -> dict:
+    """The backbones' KV cache as ``req.kv_cache`` (8-bit: scales from the calibration capture)."""
+    if req.kv_cache == "auto":
+        return {}
+    from .quantize.kv_cache import apply_to_bundle
+
+    try:
+        info = apply_to_bundle(work, req.kv_cache, feeds)
+    except ValueError as e:
+        raise BuildError(f"kv cache: {e}") from None
+    if echo:
+        scales = f", per-layer scales keys {min(info.key_scales):.3g}-{max(info.key_scales):.3g}, values " \
+                 f"{min(info.value_scales):.3g}-{max(info.value_scales):.3g}" if info.quantized else ""
+        echo(f"kv cache: {info.dtype}{scales}")
+    return info.to_dict()
 
 
 def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, seconds: dict) -> Verdict:
@@ -428,17 +476,18 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
 
     try:
         bundle = timed("export", stage_export, req, t, work)
-        # fp16 needs feeds too: its overflow check runs real inputs
-        needs_feeds = req.precision in QUANTIZED or req.precision == "fp16"
+        # fp16 needs feeds too: its overflow check runs real inputs; an 8-bit KV cache its scales
+        needs_feeds = req.precision in QUANTIZED or req.precision == "fp16" or req.kv_cache in ("int8", "fp8")
         feeds = timed("calibrate", stage_calibrate, req, bundle, ref, echo) if needs_feeds else None
         details = timed("quantize", stage_quantize, req, t, work, feeds, echo)
+        kv_cache = timed("kv_cache", stage_kv_cache, req, work, feeds, echo)
         engine_state = timed("engines", _engines, work, t, echo) if req.engines else {}
         verdict = stage_verify(req, t, work, ref, echo, seconds)
         bundle = Bundle.load(work, check_files=False)
         report = BuildReport(str(req.out), bundle.manifest.config_name, req.precision, t.name, _rows(bundle, verdict, engine_state, t),
                              verdict.e2e, verdict.e2e_passed, verdict.verify_passed, verdict.failures, seconds, details,
                              verdict.tasks, sorted(req.only), bundle_bytes=bundle_bytes(work, bundle.manifest.components.values()),
-                             bundle_tasks=list(bundle.manifest.tasks))
+                             bundle_tasks=list(bundle.manifest.tasks), kv_cache=kv_cache)
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not req.force:
             f = verdict.failures
@@ -492,6 +541,8 @@ def print_report(rep: BuildReport) -> None:
     con = Console()
     con = Console(width=max(con.width, 132))  # the table reads badly wrapped (CI logs are 80 wide)
     con.print(tab)
+    con.print(f"KV cache: {rep.kv_cache.get('dtype', 'float32 (as exported)')}"
+              + (" with per-layer scales from calibration" if rep.kv_cache.get("key_scales") else ""))
     for k, v in rep.e2e.items():
         if k == "skipped":
             con.print(f"e2e: skipped: {v.get('reason')}")

@@ -240,10 +240,16 @@ def test_plan_counts_the_embedding_twice_and_the_kv_cache(tiny_cfg):
     mi = model_info(tiny_cfg)
     assert sum(p.parameters.values()) > mi.total  # embedding and shared Q/K held twice
     l = tiny_cfg.llm
-    assert p.kv_cache == 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * 4 * 512 * 3
-    assert p.total == p.weights_total + p.kv_cache + p.activation_peak
+    row = 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * 4 * 512
+    assert p.kv_cache == row * 3
+    # the peak phase: its activations plus the cache rows alive then (3 guidance prefixes, none yet
+    # at the vision tower, one understanding cache at the LM head)
+    rows = {"prefill": 3, "denoise_step": 3, "lm_head": 1, "vision": 0, "autoencoder": 3}
+    assert p.phases == {k: a + rows[k] * row for k, a in p.activations.items()}
+    assert p.total == p.weights_total + max(p.phases.values())
     pb = plan_memory(tiny_cfg, "fp32", load_target("cpu"), context=512, cfg_mode="batch")
     assert pb.kv_cache == 2 * p.kv_cache
+    assert pb.phases["denoise_step"] == pb.activations["denoise_step"] + 6 * row  # and the stacked copy
 
 
 def test_plan_advises_when_it_does_not_fit():
@@ -269,7 +275,7 @@ def test_plan_cli_prints_a_plan():
     assert "--precision fp8 needs compute capability 8.9 or newer; jetson-orin is 8.7: use --precision int8 or fp16" in r.output
     r = CliRunner().invoke(main, ["plan", "--config", "tiny", "--precision", "int8", "--target", "rtx-ada", "--json"])
     d = json.loads(r.output)
-    assert d["total"] == d["weights_total"] + d["kv_cache"] + d["activation_peak"]
+    assert d["total"] == d["weights_total"] + max(d["phases"].values()) and d["kv_cache_dtype"] == "fp16"
 
 
 # ---- the TensorRT backend -----------------------------------------------------------------------

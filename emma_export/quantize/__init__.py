@@ -109,6 +109,8 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     m = bundle.manifest
     if m.precision != "fp32" or any(c.precision != "fp32" for c in m.components.values()):
         raise ValueError(f"{bundle_dir}: quantize starts from an fp32 bundle (this one is {m.precision})")
+    if m.kv_cache is not None:
+        raise ValueError(f"{bundle_dir}: quantize starts from an exported bundle (this one's KV cache is already {m.kv_cache.dtype})")
     cfg = EMMAConfig.from_dict(m.config)
     gpu = bool(getattr(target, "is_gpu", False))
     unknown = sorted(set(only) - set(m.components))
