@@ -258,7 +258,9 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
 
         tok = bundle.tokenizer()
         world = worlds.load(bundle.manifest.weights.get("world"))
-        real = {k: select(v, VERIFY_FEEDS) for k, v in capture(model, tok, "verify", world=world, tasks=bundle.manifest.tasks).items()
+        # a layer-streamed reference (emma-4b) reads every layer's weights per backbone call: a short recipe
+        recipe = "scale-verify" if any(p.is_meta for p in model.parameters()) else "verify"
+        real = {k: select(v, VERIFY_FEEDS) for k, v in capture(model, tok, recipe, world=world, tasks=bundle.manifest.tasks).items()
                 if k in calibrated}
     comps = verify_components(bundle, model, progress=progress, real_feeds=real)
     failures = [

@@ -16,7 +16,7 @@ from ..quantize.policy import PRECISIONS
 
 _precision = click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp8", show_default=True)
 _target = click.option("--target", "target", default="cpu", show_default=True, help="Deployment target (engines/targets/*.json, or auto).")
-_recipe = click.option("--recipe", type=click.Choice(["full", "quick"]), default="full", show_default=True,
+_recipe = click.option("--recipe", type=click.Choice(["full", "quick", "scale"]), default="full", show_default=True,
                        help="How much of calibration/ to run through the reference pipelines.")
 _calib = click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
                       help="Folder of calibration .npz (emma-export calibrate) instead of capturing now.")
