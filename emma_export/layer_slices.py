@@ -53,7 +53,12 @@ def plan_slices(m: onnx.ModelProto) -> list[Slice]:
     producer_layer: dict[str, object] = {}
     groups: dict[object, list[onnx.NodeProto]] = {}
     after_layers: set[str] = set()  # tensors downstream of some layer node
+    # Constants are not activations: each slice that reads one gets its own copy (a converter may
+    # then make it fp16 in one slice and keep it fp32 in another)
+    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant" and not n.input and len(n.output) == 1}
     for n in g.node:
+        if n.op_type == "Constant" and n.output[0] in constants:
+            continue
         lay = layer_of(n)
         if lay is None:
             key = "tail" if any(i in after_layers for i in n.input) else "head"
@@ -76,6 +81,8 @@ def plan_slices(m: onnx.ModelProto) -> list[Slice]:
     slices = []
     for key in order:
         nodes = groups[key]
+        read = dict.fromkeys(i for n in nodes for i in n.input)
+        nodes = [constants[i] for i in read if i in constants] + nodes
         made = {o for n in nodes for o in n.output}
         reads = list(dict.fromkeys(i for n in nodes for i in n.input if i and i not in made))
         ins, ws = [], []

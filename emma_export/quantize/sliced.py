@@ -20,7 +20,11 @@ import onnx
 from onnx import helper
 
 from ..export import external_data
-from ..layer_slices import Slice, SlicedGraph, SliceRunner
+import re
+
+from ..layer_slices import Slice, SlicedGraph, SliceRunner, layer_of
+
+_LAYER_SCOPE = re.compile(r"^(.*?/layers\.\d+/)")
 
 Feed = dict[str, np.ndarray]
 
@@ -89,6 +93,15 @@ def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
     return c
 
 
+def _scope(s: Slice) -> str:
+    """'/llm/layers.7/' for a layer's slice (from its own nodes' names); '' for the head and tail."""
+    for n in s.nodes:
+        m = _LAYER_SCOPE.match(n.name)
+        if m:
+            return m.group(1)
+    return ""
+
+
 def stitch(sg: SlicedGraph, parts: list[tuple[Slice, Path]], dst: Path) -> None:
     """One graph from the converted slices, in order: the original graph's IO, each slice's nodes
     and weights (names another slice already used get the slice's name appended), the weights
@@ -112,7 +125,12 @@ def stitch(sg: SlicedGraph, parts: list[tuple[Slice, Path]], dst: Path) -> None:
                 types.setdefault(v.name, v.type)
             mine = {o for n in q.graph.node for o in n.output} | {t.name for t in q.graph.initializer}
             rename = {t: f"{t}#{s.name}" for t in mine if t in used and t not in boundary}
+            scope = _scope(s)
             for n in q.graph.node:
+                if scope and layer_of(n) is None:
+                    # a node a converter added (a Cast, a Q/DQ pair) keeps its layer's scope, so the
+                    # stitched graph slices again as it was sliced
+                    n.name = scope + n.name.lstrip("/")
                 n.input[:] = [rename.get(i, i) for i in n.input]
                 n.output[:] = [rename.get(o, o) for o in n.output]
                 if n.name in used:
