@@ -126,9 +126,15 @@ def _engines(bundle_dir: Path, target, echo) -> dict[str, str]:
         raise BuildError(f"engine build: {e}") from None
     for ln in lines:
         echo(ln)
-    if not results:
+    from emma_runtime.bundle import Bundle
+
+    state = {n: f"no: on the device ({c.engine_on_device.split(':')[0]})"
+             for n, c in Bundle.load(bundle_dir, check_files=False).manifest.components.items() if c.engine_on_device}
+    if not results and not state:
         return {"*": "no: " + (lines[-1] if lines else "builder built nothing")}
-    return {r.component: f"yes ({r.engine_bytes / 1e6:.1f} MB, {r.build_seconds:.1f} s)" for r in results}
+    state.update({r.component: f"yes ({r.engine_bytes / 1e6:.1f} MB, {r.build_seconds:.1f} s, builder peak RSS {r.peak_rss / 2**30:.2f} GiB)"
+                  for r in results})
+    return state
 
 
 @dataclass(frozen=True)
@@ -440,7 +446,7 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
 
 def _streamed_components(bundle) -> list[str]:
     from .export.streamed_export import threshold
-    from .quantize.sliced import graph_weight_bytes
+    from .export.external_data import graph_weight_bytes
 
     return [n for n, c in bundle.manifest.components.items() if graph_weight_bytes(bundle.path(c.file)) > threshold()]
 

@@ -106,7 +106,7 @@ def _runner(bundle: Bundle, component: str, kv=None):
     operators on the same inputs as the whole file, with one layer's weights in memory; its files
     were checked against the manifest's sha256 by ``Bundle.load`` just before."""
     from .export.streamed_export import threshold
-    from .quantize.sliced import graph_weight_bytes
+    from .export.external_data import graph_weight_bytes
 
     info = bundle.manifest.components[component]
     path = bundle.path(info.file)

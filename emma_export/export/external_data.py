@@ -121,6 +121,19 @@ def save_graph(m: onnx.ModelProto, path: str | Path, limit: int | None = None) -
     return referenced_files(m)
 
 
+def graph_weight_bytes(path: str | Path) -> int:
+    """Bytes of a graph's initializers, from their dims (no data read)."""
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type not in (
+            TensorProto.INT4, TensorProto.UINT4) else (n + 1) // 2
+    return total
+
+
 def load_graph(path: str | Path) -> onnx.ModelProto:
     """The graph with every external tensor read into memory (from files beside it)."""
     return onnx.load(str(path), load_external_data=True)

@@ -50,7 +50,7 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
         return {}
     if sliced is None:
         from ..export.streamed_export import threshold
-        from .sliced import graph_weight_bytes
+        from ..export.external_data import graph_weight_bytes
 
         sliced = graph_weight_bytes(src) > threshold()
     if sliced:

@@ -29,19 +29,6 @@ _LAYER_SCOPE = re.compile(r"^(.*?/layers\.\d+/)")
 Feed = dict[str, np.ndarray]
 
 
-def graph_weight_bytes(path: str | Path) -> int:
-    """Bytes of a graph's initializers, from their dims (no data read)."""
-    m = onnx.load(str(path), load_external_data=False)
-    total = 0
-    for t in m.graph.initializer:
-        n = 1
-        for d in t.dims:
-            n *= d
-        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type not in (
-            onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else (n + 1) // 2
-    return total
-
-
 def _cpu_session(model_bytes: bytes):
     import onnxruntime as ort
 

@@ -143,13 +143,14 @@ class EngineInfo:
     profile: dict[str, tuple[int, int, int]]
     build_seconds: float = 0.0
     flavour: str = ""  # "tensorrt" or "tensorrt-rtx": which runtime deserializes it
+    builder_peak_rss: int = 0  # bytes: the building process's peak resident memory during this build
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "engine") -> "EngineInfo":
         f = _Fields(d, where)
         return cls(_file_name(f.str("file"), f"{where}.file"), f.sha("sha256"), f.str("target"), f.str("compute_capability"),
                    _profile(f.obj("profile"), f"{where}.profile"), f.float("build_seconds", 0.0, default=0.0),
-                   f.str("flavour", default=""))
+                   f.str("flavour", default=""), int(f.float("builder_peak_rss", 0.0, default=0.0)))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": {k: list(v) for k, v in self.profile.items()}}
@@ -184,6 +185,9 @@ class ComponentInfo:
     profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     engine: EngineInfo | None = None
     attention: str = names.ATTENTION_STANDARD  # backbones: "gqa" is ONNX Runtime's fused flavour (names.py)
+    # why this component's engine is to be built on the device (the builder would not fit where the
+    # bundle was built); empty: built here, or not a TensorRT bundle
+    engine_on_device: str = ""
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "component") -> "ComponentInfo":
@@ -205,6 +209,7 @@ class ComponentInfo:
             profile=_profile(f.obj("profile", default={}), f"{where}.profile"),
             engine=EngineInfo.from_dict(engine, f"{where}.engine") if engine else None,
             attention=f.str("attention", default=names.ATTENTION_STANDARD, choices=names.ATTENTIONS),
+            engine_on_device=f.str("engine_on_device", default=""),
         )
 
     @property
@@ -233,6 +238,8 @@ class ComponentInfo:
             d["engine"] = self.engine.to_dict()
         if self.attention != names.ATTENTION_STANDARD:
             d["attention"] = self.attention
+        if self.engine_on_device:
+            d["engine_on_device"] = self.engine_on_device
         return d
 
 
