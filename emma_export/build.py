@@ -64,6 +64,8 @@ class BuildReport:
     bundle_tasks: list[str] = field(default_factory=list)
     # `plan`'s weight bytes for the bundle on disk (each graph's, the tied embedding once)
     plan_bundle_weights: int = 0
+    # the manifest's kv_cache (dtype, 8-bit scales) when --kv-cache chose one; empty: the export's float32
+    kv_cache: dict = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -130,9 +132,15 @@ def _engines(bundle_dir: Path, target, echo) -> dict[str, str]:
         raise BuildError(f"engine build: {e}") from None
     for ln in lines:
         echo(ln)
-    if not results:
+    from emma_runtime.bundle import Bundle
+
+    state = {n: f"no: on the device ({c.engine_on_device.split(':')[0]})"
+             for n, c in Bundle.load(bundle_dir, check_files=False).manifest.components.items() if c.engine_on_device}
+    if not results and not state:
         return {"*": "no: " + (lines[-1] if lines else "builder built nothing")}
-    return {r.component: f"yes ({r.engine_bytes / 1e6:.1f} MB, {r.build_seconds:.1f} s)" for r in results}
+    state.update({r.component: f"yes ({r.engine_bytes / 1e6:.1f} MB, {r.build_seconds:.1f} s, builder peak RSS {r.peak_rss / 2**30:.2f} GiB)"
+                  for r in results})
+    return state
 
 
 @dataclass(frozen=True)
@@ -167,6 +175,9 @@ class BuildRequest:
     tasks: tuple[str, ...] = ()
     # the Und backbone's flavour ("standard" or "gqa"); None: the target's (bundle_writer.default_attention)
     attention: str | None = None
+    # the KV cache's dtype (quantize/kv_cache.py): auto keeps the export's float32 cache; fp16; int8 or
+    # fp8 with per-layer scales from the calibration capture
+    kv_cache: str = "auto"
 
 
 @dataclass
@@ -202,11 +213,37 @@ def build(*, echo: Callable[[str], None] = print, **kw) -> BuildReport:
     if req.attention == "gqa" and t.flavour != "ort":
         raise BuildError(f"--attention gqa is ONNX Runtime's fused graph, for ONNX Runtime targets (not {t.name}): "
                          f"use --attention standard")
+    _check_kv_cache(req)
+    if req.kv_cache in ("fp16", "fp8") and req.attention is None and req.source_bundle is None and t.flavour == "ort" and echo:
+        echo(f"kv cache: {req.kv_cache}: backbone_und is the standard graph (ONNX Runtime's GroupQueryAttention has no "
+             f"{req.kv_cache.upper()} cache on the CPU)")
     req = replace(req, out=check_out(req.out, "bundle", req.overwrite), world=_world_spec(req))
     if req.only:
         _check_components(req.only, req.precision, req.config_name, req.checkpoint, req.source_bundle)
     with _torch_threads_for_small_models(req.config_name, req.checkpoint, req.source_bundle):
         return _build(req, t, echo)
+
+
+def _check_kv_cache(req: BuildRequest) -> None:
+    """--kv-cache against the graph flavour, before any work: ONNX Runtime's GroupQueryAttention takes
+    an int8 cache but no FP8 (or fp16) one on the CPU."""
+    from .quantize.kv_cache import GQA_KV_CACHES, KV_CACHE_CHOICES
+
+    kv = req.kv_cache
+    if kv not in KV_CACHE_CHOICES:
+        raise BuildError(f"unknown --kv-cache {kv!r}; choose one of {', '.join(KV_CACHE_CHOICES)}")
+    if kv in GQA_KV_CACHES:
+        return
+    if req.attention == "gqa":
+        raise BuildError(f"--kv-cache {kv} with --attention gqa: ONNX Runtime's GroupQueryAttention has no {kv.upper()} cache "
+                         f"on the CPU; use --attention standard or --kv-cache int8")
+    if req.source_bundle is not None:
+        from emma_runtime.bundle import Bundle
+
+        und = Bundle.load(req.source_bundle, check_files=False).manifest.components.get("backbone_und")
+        if und is not None and und.attention == "gqa":
+            raise BuildError(f"{req.source_bundle}: its backbone_und is a gqa graph, which takes no {kv} cache on the CPU: "
+                             f"start from `emma-export export --attention standard`, or use --kv-cache int8")
 
 
 def _world_spec(req: BuildRequest) -> str | None:
@@ -313,7 +350,7 @@ def stage_export(req: BuildRequest, t, work: Path):
         except (ValueError, OSError) as e:
             raise BuildError(str(e)) from None
         export_bundle(src, work, target=t.name, progress=req.progress, tasks=req.tasks,
-                      attention=req.attention or default_attention(src.cfg, t.name, req.precision))
+                      attention=req.attention or default_attention(src.cfg, t.name, req.precision, req.kv_cache))
     return Bundle.load(work)
 
 
@@ -348,6 +385,23 @@ def stage_quantize(req: BuildRequest, t, work: Path, feeds, echo) -> dict:
     return {o.component: o.details for o in outcomes}
 
 
+def stage_kv_cache(req: BuildRequest, work: Path, feeds, echo) -> dict:
+    """The backbones' KV cache as ``req.kv_cache`` (8-bit: scales from the calibration capture)."""
+    if req.kv_cache == "auto":
+        return {}
+    from .quantize.kv_cache import apply_to_bundle
+
+    try:
+        info = apply_to_bundle(work, req.kv_cache, feeds)
+    except ValueError as e:
+        raise BuildError(f"kv cache: {e}") from None
+    if echo:
+        scales = f", per-layer scales keys {min(info.key_scales):.3g}-{max(info.key_scales):.3g}, values " \
+                 f"{min(info.value_scales):.3g}-{max(info.value_scales):.3g}" if info.quantized else ""
+        echo(f"kv cache: {info.dtype}{scales}")
+    return info.to_dict()
+
+
 def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, seconds: dict) -> Verdict:
     """Checksums and per-component parity (verify), the pipelines against the fp32 reference
     (verify_e2e: its verdict is the only one), and a trained world's task figures."""
@@ -367,7 +421,12 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
     seconds["verify"] = time.perf_counter() - t0
     bundle = Bundle.load(work)
     subset = bool(bundle.manifest.tasks) and set(bundle.manifest.tasks) != {"understand", "generate", "edit"}
-    if req.e2e and subset:
+    streamed = _streamed_components(bundle)
+    if req.e2e and streamed:
+        # the pipelines would hold every graph whole: past the streaming threshold each component is
+        # checked slice by slice instead (verify._runner), against the layer-streamed reference
+        v.e2e["skipped"] = {"passed": True, "reason": f"{', '.join(streamed)} past the streaming threshold: per-component parity, layer by layer"}
+    elif req.e2e and subset:
         # verify_e2e runs all three pipelines; a subset bundle is checked component by component
         v.e2e["skipped"] = {"passed": True, "reason": f"task-subset bundle ({', '.join(bundle.manifest.tasks)}): per-component parity only"}
     elif req.e2e and not (t.is_gpu and req.precision == "bf16"):
@@ -389,6 +448,13 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
         seconds["evaluate"] = time.perf_counter() - t0
         v.failures += _collapsed(v.tasks)
     return v
+
+
+def _streamed_components(bundle) -> list[str]:
+    from .export.streamed_export import threshold
+    from .export.external_data import graph_weight_bytes
+
+    return [n for n, c in bundle.manifest.components.items() if graph_weight_bytes(bundle.path(c.file)) > threshold()]
 
 
 def _rows(bundle, verdict: Verdict, engine_state: dict, t, only: tuple[str, ...] = ()) -> list[Row]:
@@ -439,10 +505,11 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
 
     try:
         bundle = timed("export", stage_export, req, t, work)
-        # fp16 needs feeds too: its overflow check runs real inputs
-        needs_feeds = req.precision in QUANTIZED or req.precision == "fp16"
+        # fp16 needs feeds too: its overflow check runs real inputs; an 8-bit KV cache its scales
+        needs_feeds = req.precision in QUANTIZED or req.precision == "fp16" or req.kv_cache in ("int8", "fp8")
         feeds = timed("calibrate", stage_calibrate, req, bundle, ref, echo) if needs_feeds else None
         details = timed("quantize", stage_quantize, req, t, work, feeds, echo)
+        kv_cache = timed("kv_cache", stage_kv_cache, req, work, feeds, echo)
         engine_state = timed("engines", _engines, work, t, echo) if req.engines else {}
         verdict = stage_verify(req, t, work, ref, echo, seconds)
         bundle = Bundle.load(work, check_files=False)
@@ -450,7 +517,7 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
         report = BuildReport(str(req.out), bundle.manifest.config_name, req.precision, t.name, rows,
                              verdict.e2e, verdict.e2e_passed, verdict.verify_passed, verdict.failures, seconds, details,
                              verdict.tasks, sorted(req.only), bundle_bytes=bundle_bytes(work, bundle.manifest.components.values()),
-                             bundle_tasks=list(bundle.manifest.tasks), plan_bundle_weights=_plan_bundle_weights(bundle, rows))
+                             bundle_tasks=list(bundle.manifest.tasks), plan_bundle_weights=_plan_bundle_weights(bundle, rows), kv_cache=kv_cache)
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not req.force:
             f = verdict.failures
@@ -512,6 +579,8 @@ def print_report(rep: BuildReport) -> None:
     con.print(f"size: bundle = the graph and its data files, weights = the tensors it stores, plan = `emma-export plan`'s weight "
               f"bytes; a component is OFF when its weights differ from plan by > {SIZE_TOLERANCE:.0%} (plan >= {FLOOR_BYTES // 1024} kB; "
               f"below, marked ~, folded and shared constants are more than that)" + (f"; [red]OFF: {', '.join(off)}" if off else ""))
+    con.print(f"KV cache: {rep.kv_cache.get('dtype', 'float32 (as exported)')}"
+              + (" with per-layer scales from calibration" if rep.kv_cache.get("key_scales") else ""))
     for k, v in rep.e2e.items():
         if k == "skipped":
             con.print(f"e2e: skipped: {v.get('reason')}")

@@ -31,10 +31,18 @@ K or N under 16, small-channel convolutions, FP8 filters over 32 taps) are appli
 them. The fused (gqa) Und backbone of ONNX Runtime targets also holds RoPE tables for every
 position of the cache (2 x max_context x head_dim/2). ``weights_detail`` keeps the split per graph.
 
-**KV cache** = ``cfg.kv_bytes_per_token(kv_bytes)`` x context x rows, with ``kv_bytes`` 4 for an
-fp32 bundle (its backbone emits fp32 keys/values), 1 for fp8 and 2 otherwise. ``rows`` is what the
-busiest task (editing, three guidance prefixes) keeps: 3 prefix caches, plus, with
+**KV cache** = ``cfg.kv_bytes_per_token(kv_bytes)`` x context x rows. ``kv_bytes`` is the cache's
+dtype (``--kv-cache``, ``build --kv-cache``): 1 for int8 and fp8 (per-layer scales), 2 for fp16, 4
+for fp32; ``auto`` is the precision's default, 4 for fp32, 1 for fp8 and 2 otherwise. ``rows`` is
+what the busiest task (editing, three guidance prefixes) keeps: 3 prefix caches, plus, with
 ``cfg_mode="batch"``, the stacked batch copy of them the runtime denoises with (3 more rows).
+
+**Total** = weights + the peak over the phases of (the phase's activations + the KV rows alive
+during it). The phases run one after another, and the largest activations (a long prefill) and the
+largest cache (the denoising loop's stacked copy) do not meet: a prefill runs while the guidance
+prefixes are being filled (``guidance_rows`` caches at most), the denoising steps while they and
+their stacked copy live, the LM head with one understanding cache, the vision tower before any
+cache exists, the autoencoder (the decoder after denoising) with the prefixes still held.
 
 **Activations** are the peak of the phases, which run one after another (TensorRT and ONNX Runtime
 reuse activation memory within a graph); ``a`` = 4 bytes for fp32, else 2 (fp16 activations):
@@ -59,7 +67,10 @@ from .config import EMMAConfig
 from .targets import Target, check_precision, normalize_precision
 
 GIB = 2**30
-KV_BYTES = {"fp32": 4, "fp8": 1}  # else 2
+KV_BYTES = {"fp32": 4, "fp8": 1}  # ``--kv-cache auto``: the precision's default, else 2
+#: bytes per cached value of each ``--kv-cache`` choice (quantize/kv_cache.py builds them)
+KV_CACHE_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "fp8": 1}
+KV_CACHE_CHOICES = ("auto", *KV_CACHE_BYTES)
 GUIDANCE_ROWS = 3  # editing: text+image, image only, none
 
 
@@ -153,8 +164,28 @@ def shared_embedding_bytes(weights: dict[str, int], precision: str) -> int:
 
 # ---- KV cache and activations -------------------------------------------------------------------
 
-def kv_bytes_per_el(precision: str) -> int:
-    return KV_BYTES.get(precision, 2)
+def kv_cache_kind(precision: str, kv_cache: str = "auto") -> str:
+    """The cache dtype a plan assumes: ``kv_cache``, or with ``auto`` the precision's default."""
+    if kv_cache not in KV_CACHE_CHOICES:
+        raise ValueError(f"unknown --kv-cache {kv_cache!r}; choose one of {', '.join(KV_CACHE_CHOICES)}")
+    if kv_cache != "auto":
+        return kv_cache
+    return {4: "fp32", 1: "fp8"}.get(KV_BYTES.get(precision, 2), "fp16")
+
+
+def kv_bytes_per_el(precision: str, kv_cache: str = "auto") -> int:
+    return KV_CACHE_BYTES[kv_cache_kind(precision, kv_cache)]
+
+
+def check_kv_cache(target: Target, kv_cache: str) -> None:
+    """An FP8 cache is FP8 Q/DQ in the graphs: TensorRT runs it on compute capability 8.9 or newer."""
+    from .precision import MIN_COMPUTE_CAPABILITY
+    from .targets import TargetError
+
+    need = MIN_COMPUTE_CAPABILITY["fp8"]
+    if kv_cache == "fp8" and target.cc is not None and target.cc < need:
+        raise TargetError(f"--kv-cache fp8 needs compute capability {need[0]}.{need[1]} or newer; "
+                          f"{target.name} is {target.compute_capability}: use --kv-cache int8")
 
 
 def guidance_rows(tasks: tuple[str, ...] = ()) -> int:
@@ -170,8 +201,22 @@ def kv_rows(cfg_mode: str, tasks: tuple[str, ...] = ()) -> int:
     return 2 * rows if cfg_mode == "batch" and rows > 1 else rows
 
 
-def kv_cache_bytes(cfg: EMMAConfig, precision: str, context: int, cfg_mode: str = "batch", tasks: tuple[str, ...] = ()) -> int:
-    return cfg.kv_bytes_per_token(kv_bytes_per_el(precision)) * context * kv_rows(cfg_mode, tasks)
+def kv_row_bytes(cfg: EMMAConfig, precision: str, context: int, kv_cache: str = "auto") -> int:
+    """One cache row (one sequence) at ``context`` tokens."""
+    return cfg.kv_bytes_per_token(kv_bytes_per_el(precision, kv_cache)) * context
+
+
+def kv_cache_bytes(cfg: EMMAConfig, precision: str, context: int, cfg_mode: str = "batch", tasks: tuple[str, ...] = (),
+                   kv_cache: str = "auto") -> int:
+    return kv_row_bytes(cfg, precision, context, kv_cache) * kv_rows(cfg_mode, tasks)
+
+
+def phase_kv_rows(cfg_mode: str, tasks: tuple[str, ...] = ()) -> dict[str, int]:
+    """KV cache rows alive during each phase (module docstring): the prefixes while they prefill and
+    while the decoder runs, those and their stacked copy while denoising, one understanding cache at
+    the LM head, none yet at the vision tower."""
+    g = guidance_rows(tasks)
+    return {"prefill": g, "denoise_step": kv_rows(cfg_mode, tasks), "lm_head": 1, "vision": 0, "autoencoder": g}
 
 
 def activation_bytes(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str = "batch",
@@ -238,6 +283,11 @@ class MemoryPlan:
     stored_once: int = 0
     # per runtime graph, its weight bytes by how they are stored (weight_bytes.WeightBytes)
     weights_detail: dict[str, dict[str, int]] = field(default_factory=dict)
+    # the KV cache dtype assumed (--kv-cache, or the precision's default): fp32, fp16, int8, fp8
+    kv_cache_dtype: str = "fp16"
+    # per phase: its activations plus the KV rows alive during it; the total is weights + the largest
+    phases: dict[str, int] = field(default_factory=dict)
+    peak_phase: str = ""
 
     @property
     def weights_total(self) -> int:
@@ -256,17 +306,20 @@ class MemoryPlan:
 
 
 def _totals(cfg: EMMAConfig, precision: str, context: int, image: int, cfg_mode: str, tasks: tuple[str, ...] = (),
-            gpu: bool = True, attention: str | None = None):
+            gpu: bool = True, attention: str | None = None, kv_cache: str = "auto"):
     params = graph_params(cfg, tasks)
     detail = graph_weights(cfg, precision, gpu, attention, tasks)
     weights = {k: d.total for k, d in detail.items()}
-    kv = kv_cache_bytes(cfg, precision, context, cfg_mode, tasks)
+    kv = kv_cache_bytes(cfg, precision, context, cfg_mode, tasks, kv_cache)
     acts = activation_bytes(cfg, precision, context, image, cfg_mode, tasks)
     peak = max(acts.values())
-    return params, detail, weights, kv, acts, peak, sum(weights.values()) + kv + peak
+    row = kv_row_bytes(cfg, precision, context, kv_cache)
+    rows = phase_kv_rows(cfg_mode, tasks)
+    phases = {k: a + rows[k] * row for k, a in acts.items()}
+    return params, detail, weights, kv, acts, peak, sum(weights.values()) + max(phases.values()), phases
 
 
-def _policy_line(precision: str, gpu: bool) -> str:
+def _policy_line(precision: str, gpu: bool, kv_cache: str = "auto") -> str:
     from .quantize.policy import high_precision_for
     from .weight_bytes import QUANTIZED_BYTES
 
@@ -279,7 +332,9 @@ def _policy_line(precision: str, gpu: bool) -> str:
                 f"everything else and the GEMMs the policy keeps high {hp}")
     else:
         head = f"{precision}: every weight {precision}" + ("" if precision == "fp32" else ", norms and the policy's kept nodes fp32")
-    return f"{head}; gen_head fp32; KV cache {kv_bytes_per_el(precision)} B"
+    kind = kv_cache_kind(precision, kv_cache)
+    how = "the precision's default" if kv_cache == "auto" else "--kv-cache"
+    return f"{head}; gen_head fp32; KV cache {kind}, {KV_CACHE_BYTES[kind]} B per value ({how})"
 
 
 def min_context(cfg: EMMAConfig, image: int) -> int:
@@ -289,12 +344,14 @@ def min_context(cfg: EMMAConfig, image: int) -> int:
 
 def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | None = None,
                 image: int | None = None, cfg_mode: str = "batch", tasks: tuple[str, ...] = (),
-                attention: str | None = None) -> MemoryPlan:
+                attention: str | None = None, kv_cache: str = "auto") -> MemoryPlan:
     """Weights, KV cache, activations and the fit on each of ``target``'s memory variants.
-    Raises TargetError when the target cannot run ``precision``; ValueError for a context too short
-    for one image."""
+    ``kv_cache``: the cache's dtype (``auto``: the precision's default). Raises TargetError when the
+    target cannot run ``precision`` (or an FP8 cache); ValueError for a context too short for one image."""
     precision = normalize_precision(precision)
     check_precision(target, precision)
+    kind = kv_cache_kind(precision, kv_cache)
+    check_kv_cache(target, kind)
     if cfg_mode not in ("batch", "sequential"):
         raise ValueError("cfg_mode must be 'batch' or 'sequential'")
     context = context or cfg.max_context
@@ -304,26 +361,27 @@ def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | 
         raise ValueError(f"--context {context} is shorter than one {image}px image ({cfg.num_visual_tokens(image, image)} tokens) plus a token")
     tasks = tuple(dict.fromkeys(tasks))
     gpu = bool(target.is_gpu)
-    params, detail, weights, kv, acts, peak, total = _totals(cfg, precision, context, image, cfg_mode, tasks, gpu, attention)
+    params, detail, weights, kv, acts, peak, total, phases = _totals(cfg, precision, context, image, cfg_mode, tasks, gpu, attention, kind)
     variants = []
     for mem in target.memory_gb:
         usable = mem - target.reserved_gb
         fits = total <= usable * GIB
-        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable, tasks, attention)
+        advice = "" if fits else _advice(cfg, precision, target, context, image, cfg_mode, usable, tasks, attention, kind)
         variants.append(VariantFit(mem, usable, fits, round(usable - total / GIB, 3), advice))
     return MemoryPlan(
         config=cfg.name, precision=precision, target=target.name, context=context, image=image, cfg_mode=cfg_mode,
         weights=weights, parameters={k: s.total for k, s in params.items()}, kv_cache=kv, activations=acts,
-        activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision, gpu),
+        activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision, gpu, kv_cache),
         tasks=tasks, stored_once=shared_embedding_bytes(weights, precision),
-        weights_detail={k: {**asdict(d), "total": d.total} for k, d in detail.items()},
+        weights_detail={k: {**asdict(d), "total": d.total} for k, d in detail.items()}, kv_cache_dtype=kind,
+        phases=phases, peak_phase=max(phases, key=phases.get),
     )
 
 
-def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=(), gpu=True, attention=None) -> int | None:
+def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=(), gpu=True, attention=None, kv_cache="auto") -> int | None:
     """The longest context below ``below`` (a multiple of 256 where possible) that fits ``budget``."""
     lo_ctx = min_context(cfg, image)
-    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode, tasks, gpu, attention)[-1] <= budget
+    fits = lambda c: _totals(cfg, precision, c, image, cfg_mode, tasks, gpu, attention, kv_cache)[-2] <= budget
     if below <= lo_ctx or not fits(lo_ctx):
         return None
     lo, hi = lo_ctx, below - 1
@@ -333,28 +391,31 @@ def _longest_context(cfg, precision, image, cfg_mode, budget, below: int, tasks=
     return max(lo_ctx, (lo // 256) * 256)
 
 
-def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb, tasks=(), attention=None) -> str:
-    """What to change so the plan fits ``usable_gb``: a lower precision the target runs (the widest
-    that fits), a shorter context, sequential guidance, or a combination of precision and context."""
+def _advice(cfg, precision, target, context, image, cfg_mode, usable_gb, tasks=(), attention=None, kv_cache="auto") -> str:
+    """What to change so the plan fits ``usable_gb``: an 8-bit KV cache, a lower precision the target
+    runs (the widest that fits), a shorter context, sequential guidance, or a combination of
+    precision and context."""
     budget = usable_gb * GIB
     gpu = bool(target.is_gpu)
-    total = lambda p, c, m=cfg_mode: _totals(cfg, p, c, image, m, tasks, gpu, attention)[-1]
+    total = lambda p, c, m=cfg_mode, kv=kv_cache: _totals(cfg, p, c, image, m, tasks, gpu, attention, kv)[-2]
     mine = total(precision, context)
+    options = []
+    if KV_CACHE_BYTES[kv_cache_kind(precision, kv_cache)] > 1 and total(precision, context, kv="int8") <= budget:
+        options.append(f"--kv-cache int8 ({total(precision, context, kv='int8') / GIB:.1f} GiB)")
     lower = sorted(((total(p, context), p) for p in target.precisions if p != precision), reverse=True)
     lower = [(t, p) for t, p in lower if t < mine]  # widest first
-    options = []
     for t, p in lower:
         if t <= budget:
             options.append(f"--precision {p} ({t / GIB:.1f} GiB)")
             break
-    c = _longest_context(cfg, precision, image, cfg_mode, budget, context, tasks, gpu, attention)
+    c = _longest_context(cfg, precision, image, cfg_mode, budget, context, tasks, gpu, attention, kv_cache)
     if c is not None:
         options.append(f"--context {c} ({total(precision, c) / GIB:.1f} GiB)")
     if cfg_mode == "batch" and total(precision, context, "sequential") <= budget:
         options.append(f"--cfg-mode sequential ({total(precision, context, 'sequential') / GIB:.1f} GiB)")
     if not options:
         for _, p in lower:
-            c = _longest_context(cfg, p, image, cfg_mode, budget, context, tasks, gpu, attention)
+            c = _longest_context(cfg, p, image, cfg_mode, budget, context, tasks, gpu, attention, kv_cache)
             if c is not None:
                 options.append(f"--precision {p} --context {c} ({total(p, c) / GIB:.1f} GiB)")
                 break

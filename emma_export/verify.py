@@ -11,7 +11,8 @@ import torch
 
 from emma_runtime.bundle import Bundle, BundleError
 
-from emma_runtime.names import ATTENTION_GQA, ATTENTION_STANDARD, BACKBONE_UND, past_kv
+from emma_runtime.kv_cache import FLOAT8, dequantize
+from emma_runtime.names import ATTENTION_GQA, ATTENTION_STANDARD, BACKBONE_UND, BACKBONES, past_kv
 
 from .components import Backbone, GQABackbone, all_components
 from .model.backbone import UND
@@ -20,7 +21,7 @@ from .config import EMMAConfig
 # tolerances per precision live with the precision (precision.py)
 from .precision import BY_NAME
 from .precision import QUANTIZED as REAL_FEED_PRECISIONS  # calibrated: checked on held-out real feeds
-from .precision import TOLERANCE, tolerance_for
+from .precision import TOLERANCE, kv_cache_tolerance, tolerance_for
 
 # Held-out real feeds checked per calibrated component, evenly spaced over the verify recipe's capture
 # (every pipeline and timestep stays represented) with the largest first. Checking every feed (the
@@ -96,7 +97,41 @@ def _session(bundle: Bundle, component: str):
     info = bundle.manifest.components[component]
     # as the runtime's ORT backend: FP8 Q/DQ graphs run with optimizations off
     return open_session(bundle.graph(component), str(bundle.root / info.file), ["CPUExecutionProvider"],
-                        graph_optimizations=info.precision != "fp8")
+                        graph_optimizations=not info.fp8)
+
+
+def _runner(bundle: Bundle, component: str, kv=None):
+    """(feeds list -> outputs list per feed, how it ran). A graph past the streaming threshold (an
+    emma-4b backbone) runs one decoder layer's slice at a time (``layer_slices``): the same
+    operators on the same inputs as the whole file, with one layer's weights in memory; its files
+    were checked against the manifest's sha256 by ``Bundle.load`` just before."""
+    from .export.streamed_export import threshold
+    from .export.external_data import graph_weight_bytes
+
+    info = bundle.manifest.components[component]
+    path = bundle.path(info.file)
+    if graph_weight_bytes(path) <= threshold():
+        sess = _session(bundle, component)
+        return (lambda feeds: [_run(sess, f, info, kv) for f in feeds]), ""
+    if any(t.dtype == FLOAT8 for t in info.inputs):
+        raise NotImplementedError(f"{component}: a graph past the streaming threshold with an fp8 KV cache is not verified slice by slice "
+                                  f"(numpy has no fp8 type for the slices' IO); build it with --kv-cache int8")
+    import onnxruntime as ort
+
+    from .layer_slices import SlicedGraph, SliceRunner
+
+    sg = SlicedGraph(path)
+
+    def session(model_bytes: bytes):
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        if info.fp8:  # as the runtime's ORT backend: FP8 Q/DQ with optimizations off
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+    names = [o.name for o in info.outputs]
+    run = lambda feeds: [[_graph_output(r[n], n, kv) for n in names] for r in SliceRunner(sg, session).run(feeds)]
+    return run, f"run slice by slice ({len(sg.slices)} slices: {sg.slices[0].name} .. {sg.slices[-1].name}), one layer's weights at a time"
 
 
 def verify_components(bundle: Bundle, model, names: list[str] | None = None, progress=None,
@@ -109,9 +144,10 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         if (names and comp.name not in names) or comp.name not in bundle.manifest.components:
             continue
         info = bundle.manifest.components[comp.name]
-        tol = tolerance_for(comp.name, info.precision)
+        kv = bundle.manifest.kv_cache if comp.name in BACKBONES else None
+        tol = tolerance_for(comp.name, info.precision) + (kv_cache_tolerance(kv.dtype) if kv else 0.0)
         try:
-            sess = _session(bundle, comp.name)
+            run_all, how = _runner(bundle, comp.name, kv)
         except Exception as e:  # noqa: BLE001 - only a bf16 graph is allowed not to load on the CPU
             if info.precision != "bf16" or "NOT_IMPLEMENTED" not in str(e):
                 raise
@@ -126,12 +162,13 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         if real:
             real = comp.from_captured(cfg, real)
         cases = real if real else [comp.sample_inputs(cfg, dims, np.random.default_rng(100 + i)) for i, dims in enumerate(comp.verify_dims(cfg))]
-        for i, feeds in enumerate(cases):
+        outs = run_all([{t.name: _graph_input(f[t.name], t, kv) for t in info.inputs} for f in cases])
+        for i, (feeds, got) in enumerate(zip(cases, outs)):
             dims = {t.name: list(feeds[t.name].shape) for t in info.inputs} if real else comp.verify_dims(cfg)[i]
-            ort_feeds = {t.name: feeds[t.name].astype(NP_DTYPES[t.dtype]) for t in info.inputs}
-            got = sess.run(None, ort_feeds)
             if gqa:
-                pairs = gqa_pairs(cfg, module, feeds, got)
+                # the past the graph was given, as the cache holds it (what "past kept" must equal)
+                given = {n: _graph_output(_graph_input(feeds[n], info.tensor(n), kv), n, kv) for n in feeds if n.startswith("past_")}
+                pairs = gqa_pairs(cfg, module, feeds, got, given)
             else:
                 with torch.no_grad():
                     ref = module(*[torch.from_numpy(feeds[s.name]) for s in comp.inputs(cfg)])
@@ -143,17 +180,49 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
                 worst_abs = max(worst_abs, float(np.abs(g.astype(np.float64) - r).max()) if r.size else 0.0)
                 worst_rel = max(worst_rel, rel_l2(g, r) if r.size else 0.0)
             shapes.append(dims)
-        out[comp.name] = ComponentResult(worst_abs, worst_rel, tol, worst_rel <= tol, shapes, info.precision, "real" if real else "random")
+        out[comp.name] = ComponentResult(worst_abs, worst_rel, tol, worst_rel <= tol, shapes, info.precision, "real" if real else "random", how)
         if progress:
             progress(comp.name)
     return out
 
 
-def gqa_pairs(cfg, std_module, feeds: dict, got: list) -> list[tuple[str, np.ndarray, np.ndarray]]:
+def _graph_input(a: np.ndarray, t, kv) -> np.ndarray:
+    """A float feed as the graph takes it: an 8-bit KV input quantized with the manifest's scale (FP8
+    bytes as uint8), anything else cast."""
+    if kv is not None and t.name.startswith("past_") and kv.quantized:
+        from .quantize.kv_cache import quantize_host
+
+        return quantize_host(a, kv.scale(t.name), kv.dtype)
+    return np.ascontiguousarray(a.astype(NP_DTYPES[t.dtype]))
+
+
+def _graph_output(a: np.ndarray, name: str, kv) -> np.ndarray:
+    """A graph output as float32: an 8-bit KV output dequantized with the manifest's scale."""
+    if kv is not None and kv.quantized and name.startswith(("new_", "present_", "past_")):
+        return dequantize(a, kv.scale(name), kv.dtype)
+    return a
+
+
+def _run(sess, feeds: dict, info, kv) -> list[np.ndarray]:
+    """The graph's outputs (8-bit KV ones dequantized). FP8 inputs go in as OrtValues of ONNX's FP8
+    type (numpy has none)."""
+    import onnxruntime as ort
+
+    if any(t.dtype == FLOAT8 for t in info.inputs):
+        vals = {t.name: ort.OrtValue.ortvalue_from_numpy_with_onnx_type(feeds[t.name], 17) if t.dtype == FLOAT8
+                else ort.OrtValue.ortvalue_from_numpy(feeds[t.name]) for t in info.inputs}
+        got = [v.numpy() for v in sess.run_with_ort_values([o.name for o in sess.get_outputs()], vals)]
+    else:
+        got = sess.run(None, feeds)
+    return [_graph_output(g, o.name, kv) for g, o in zip(got, sess.get_outputs())]
+
+
+def gqa_pairs(cfg, std_module, feeds: dict, got: list, given: dict | None = None) -> list[tuple[str, np.ndarray, np.ndarray]]:
     """(name, graph's, reference's) for a gqa step, rows' real tokens only: the hidden states; every
     layer's written keys/values (the chunk's slots of ``present_key_i`` against the reference's new
     ones); and the past the operator must leave alone (``present_key_i`` before each row's length
-    against the input), so a write at the wrong offset fails too."""
+    against the input, ``given``: as the graph got it, an 8-bit cache's dequantized), so a write at
+    the wrong offset fails too."""
     std, lengths, real = GQABackbone.as_standard(cfg, feeds)
     with torch.no_grad():
         ref = std_module(*[torch.from_numpy(std[s.name]) for s in Backbone(UND).inputs(cfg)])
@@ -163,7 +232,7 @@ def gqa_pairs(cfg, std_module, feeds: dict, got: list) -> list[tuple[str, np.nda
     pairs = [("hidden_states", rows(got[0], lambda a, b: a[b, : real[b]]), rows(ref[0], lambda a, b: a[b, : real[b]]))]
     for j in range(1, len(got)):
         name = f"{GQABackbone().outputs(cfg)[j].name}"
-        past = feeds[names_past(j)]
+        past = (given or feeds)[names_past(j)]
         pairs.append((name, rows(got[j], lambda a, b: a[b, :, lengths[b] : lengths[b] + real[b]]),
                       rows(ref[j], lambda a, b: a[b, :, : real[b]])))
         pairs.append((name + " (past kept)", rows(got[j], lambda a, b: a[b, :, : lengths[b]]), rows(past, lambda a, b: a[b, :, : lengths[b]])))
@@ -179,7 +248,9 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
     bundle = Bundle.load(bundle_dir)  # checksums first: a tampered bundle fails before anything runs
     model = reference_model(bundle, checkpoint)
     real = None
-    calibrated = [n for n, c in bundle.manifest.components.items() if c.precision in REAL_FEED_PRECISIONS]
+    # an 8-bit KV cache is calibrated too: its backbones are checked on held-out real caches
+    kv8 = bundle.manifest.kv_cache is not None and bundle.manifest.kv_cache.quantized
+    calibrated = [n for n, c in bundle.manifest.components.items() if c.precision in REAL_FEED_PRECISIONS or (kv8 and n in BACKBONES)]
     if calibrated:
         from .quantize.calibrate import capture, select
 
@@ -187,13 +258,16 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
 
         tok = bundle.tokenizer()
         world = worlds.load(bundle.manifest.weights.get("world"))
-        real = {k: select(v, VERIFY_FEEDS) for k, v in capture(model, tok, "verify", world=world, tasks=bundle.manifest.tasks).items()
+        # a layer-streamed reference (emma-4b) reads every layer's weights per backbone call: a short recipe
+        recipe = "scale-verify" if any(p.is_meta for p in model.parameters()) else "verify"
+        real = {k: select(v, VERIFY_FEEDS) for k, v in capture(model, tok, recipe, world=world, tasks=bundle.manifest.tasks).items()
                 if k in calibrated}
     comps = verify_components(bundle, model, progress=progress, real_feeds=real)
     failures = [
         f"{name}: rel L2 {r.rel_l2:.3g} > tolerance {r.tolerance:g} (max abs {r.max_abs:.3g})"
         for name, r in comps.items() if not r.passed
     ]
+    failures += kv_scale_mismatches(bundle)
     if bundle.manifest.target == "cpu" and bundle.manifest.precision == "int8":
         # the cpu target's INT8 graphs carry uint8 activations for ONNX Runtime's integer kernels
         # (quantize.modelopt_driver.activations_to_uint8), a form TensorRT does not take by design
@@ -210,6 +284,30 @@ def verify_bundle(bundle_dir: str | Path, e2e: bool = False, checkpoint: str | N
         pipelines = verify_pipelines(bundle, model)
         failures += [f"pipeline {k}: {v['reason']}" for k, v in pipelines.items() if not v["passed"]]
     return VerifyReport(not failures, comps, pipelines, failures, trt_parse, trt_parser)
+
+
+def kv_scale_mismatches(bundle: Bundle) -> list[str]:
+    """An 8-bit cache's scales in each backbone graph against the manifest's (the runtime reads both:
+    the graphs quantize, traces dequantize): one line per tensor that differs."""
+    kv = bundle.manifest.kv_cache
+    if kv is None or not kv.quantized:
+        return []
+    import onnx
+
+    from .quantize.kv_cache import graph_scales
+
+    out = []
+    for name in BACKBONES:
+        if name not in bundle.manifest.components:
+            continue
+        layers = bundle.manifest.model.num_layers
+        have = graph_scales(onnx.load_from_string(bundle.graph(name).model), layers)
+        for i in range(layers):
+            for n in past_kv(i):
+                want = kv.scale(n)
+                if n not in have or not np.isclose(have[n], want, rtol=1e-6, atol=0.0):
+                    out.append(f"{name}: KV scale of {n} is {have.get(n)} in the graph, {want:.6g} in the manifest")
+    return out
 
 
 def _trt_parse(bundle_dir) -> tuple[dict[str, str], str]:

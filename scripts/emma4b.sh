@@ -14,7 +14,9 @@
 #   bash scripts/emma4b.sh --config tiny      # the same steps on a small config (minutes)
 #   EMMA4B_OUT=/big/disk bash scripts/emma4b.sh   # where to write (emma-4b needs ~80 GB of disk)
 #
-# Extra build flags go through EMMA4B_BUILD_FLAGS (e.g. "--recipe quick --calib-samples 16").
+# Both builds calibrate with the short "scale" recipe (about 25 reference backbone calls: the
+# reference reads each layer's weights on every call, emma_export/streamed_reference.py). Extra build
+# flags go through EMMA4B_BUILD_FLAGS (default "--recipe scale --calib-samples 16").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -36,7 +38,7 @@ if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}"
 EXPORT=("$PY" -c "from emma_export.cli import main; main()")
 TIME=/usr/bin/time
-BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:-})
+BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:---recipe scale --calib-samples 16})
 
 run() {  # echo, then run unless --dry-run
   printf '+'; printf ' %q' "$@"; printf '\n'
@@ -59,8 +61,9 @@ if [ ! -d "$OUT/checkpoint" ]; then
 fi
 
 # 2. the two builds, each with its plan (the weight estimate the bundle is held to)
-build() {  # precision target
+build() {  # precision target [extra build flags]
   local p="$1" t="$2" d="$OUT/$1-$2"
+  local extra=("${@:3}")
   run mkdir -p "$d"
   if [ "$DRY" = 0 ]; then
     "${EXPORT[@]}" plan --config "$CONFIG" --precision "$p" --target "$t" --json > "$d/plan.json"
@@ -69,11 +72,12 @@ build() {  # precision target
   fi
   # --force: a failed verify still leaves the bundle and its report, so the table shows what failed
   run "$TIME" -v -o "$d/time.txt" "${EXPORT[@]}" build --config "$CONFIG" --checkpoint "$OUT/checkpoint" \
-    --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet "${BUILD_FLAGS[@]}" \
+    --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet "${BUILD_FLAGS[@]}" "${extra[@]}" \
     || echo "build $p $t exited $? (see $d/time.txt)"
 }
 build fp8 h100
-build int4w jetson-orin
+# the Orin (16 GB) fits emma-4b int4w at 8192 tokens of context only with an 8-bit KV cache (plan)
+build int4w jetson-orin --kv-cache int8
 
 # 3. the table
 run "$PY" scripts/scale_table.py "$OUT/fp8-h100" "$OUT/int4w-jetson-orin"

@@ -21,6 +21,8 @@ for _mod in ("modelopt.onnx.quantization", "onnxconverter_common", "ml_dtypes", 
 def external_env():
     mp = pytest.MonkeyPatch()
     mp.setenv("EMMA_EXTERNAL_DATA_BYTES", "0")
+    # and emma-4b's way through every stage: weights streamed at export, graphs quantized layer by layer
+    mp.setenv("EMMA_STREAM_BYTES", "0")
     before = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny GEMMs; on a busy 2-core machine more threads only contend
     yield

@@ -113,6 +113,43 @@ def test_every_component_builds_an_engine_for_rtx_ada(rtx_bundle):
         assert (out / r.file).stat().st_size == r.engine_bytes
 
 
+def test_each_engine_records_the_builders_peak_rss(rtx_bundle):
+    from emma_runtime.bundle import Bundle
+
+    out, results = rtx_bundle
+    comps = Bundle.load(out).manifest.components
+    for r in results:
+        assert r.peak_rss > 50 * 2**20  # the process itself: TensorRT-RTX and the graph in memory
+        assert comps[r.component].engine.builder_peak_rss == r.peak_rss and not comps[r.component].engine_on_device
+
+
+def test_a_component_too_large_for_this_machine_is_left_to_the_device(rtx, tiny_bundle_standard, tmp_path, monkeypatch):
+    """Past the memory the builder may use (3.2x the graph's weight bytes), the component gets no
+    engine here, one line says why and how to build it on the device, and the manifest records it;
+    a later build with enough memory clears the record."""
+    from emma_export.export.external_data import graph_weight_bytes
+    from emma_export.trt.builder import BUILDER_RSS_PER_WEIGHT_BYTE, build_engines
+    from emma_runtime.bundle import Bundle
+
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle_standard, out)
+    w = {n: graph_weight_bytes(out / c.file) for n, c in Bundle.load(out).manifest.components.items()}
+    big = max(w, key=w.get)
+    # room for every component but the largest
+    limit = BUILDER_RSS_PER_WEIGHT_BYTE * (w[big] + sorted(w.values())[-2]) / 2
+    monkeypatch.setenv("EMMA_ENGINE_BUILD_MEMORY_GB", str(limit / 2**30))
+    lines = []
+    built = build_engines(out, load_target("rtx-ada"), components=[big, "gen_head"], echo=lines.append)
+    assert [r.component for r in built] == ["gen_head"]
+    assert len(lines) == 1 and lines[0].startswith(f"{big}: the builder needs about") and f"--component {big}" in lines[0]
+    comps = Bundle.load(out).manifest.components
+    assert comps[big].engine is None and "build it on the device" in comps[big].engine_on_device
+    monkeypatch.setenv("EMMA_ENGINE_BUILD_MEMORY_GB", "64")
+    build_engines(out, load_target("rtx-ada"), components=[big, "gen_head"], echo=lines.append)
+    comps = Bundle.load(out).manifest.components
+    assert comps[big].engine is not None and comps[big].engine_on_device == ""
+
+
 def test_engine_sha256_and_profile_are_in_the_manifest(rtx_bundle):
     from emma_runtime.bundle import Bundle, sha256_file
 
@@ -237,10 +274,16 @@ def test_plan_counts_the_embedding_twice_and_the_kv_cache(tiny_cfg):
     mi = model_info(tiny_cfg)
     assert sum(p.parameters.values()) > mi.total  # embedding and shared Q/K held twice
     l = tiny_cfg.llm
-    assert p.kv_cache == 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * 4 * 512 * 3
-    assert p.total == p.weights_total + p.kv_cache + p.activation_peak
+    row = 2 * l.num_hidden_layers * l.num_key_value_heads * l.head_dim * 4 * 512
+    assert p.kv_cache == row * 3
+    # the peak phase: its activations plus the cache rows alive then (3 guidance prefixes, none yet
+    # at the vision tower, one understanding cache at the LM head)
+    rows = {"prefill": 3, "denoise_step": 3, "lm_head": 1, "vision": 0, "autoencoder": 3}
+    assert p.phases == {k: a + rows[k] * row for k, a in p.activations.items()}
+    assert p.total == p.weights_total + max(p.phases.values())
     pb = plan_memory(tiny_cfg, "fp32", load_target("cpu"), context=512, cfg_mode="batch")
     assert pb.kv_cache == 2 * p.kv_cache
+    assert pb.phases["denoise_step"] == pb.activations["denoise_step"] + 6 * row  # and the stacked copy
 
 
 def test_plan_advises_when_it_does_not_fit():
@@ -266,7 +309,7 @@ def test_plan_cli_prints_a_plan():
     assert "--precision fp8 needs compute capability 8.9 or newer; jetson-orin is 8.7: use --precision int8 or fp16" in r.output
     r = CliRunner().invoke(main, ["plan", "--config", "tiny", "--precision", "int8", "--target", "rtx-ada", "--json"])
     d = json.loads(r.output)
-    assert d["total"] == d["weights_total"] + d["kv_cache"] + d["activation_peak"]
+    assert d["total"] == d["weights_total"] + max(d["phases"].values()) and d["kv_cache_dtype"] == "fp16"
 
 
 # ---- the TensorRT backend -----------------------------------------------------------------------

@@ -16,11 +16,15 @@ from ..quantize.policy import PRECISIONS
 
 _precision = click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp8", show_default=True)
 _target = click.option("--target", "target", default="cpu", show_default=True, help="Deployment target (engines/targets/*.json, or auto).")
-_recipe = click.option("--recipe", type=click.Choice(["full", "quick"]), default="full", show_default=True,
+_recipe = click.option("--recipe", type=click.Choice(["full", "quick", "scale"]), default="full", show_default=True,
                        help="How much of calibration/ to run through the reference pipelines.")
 _calib = click.option("--calibration", type=click.Path(exists=True, file_okay=False), default=None,
                       help="Folder of calibration .npz (emma-export calibrate) instead of capturing now.")
 _samples = click.option("--calib-samples", type=click.IntRange(1, 100_000), default=64, show_default=True, help="Calibration feeds per component (at most).")
+_kv_cache = click.option(
+    "--kv-cache", "kv_cache", type=click.Choice(["auto", "fp32", "fp16", "int8", "fp8"]), default="auto", show_default=True,
+    help="The backbones' KV cache. auto: float32 as exported; int8/fp8: 1 byte per value, one scale per layer for keys "
+         "and values from calibration (the graphs quantize and dequantize). fp8 uses the standard Und graph on the cpu.")
 _overwrite = click.option("--overwrite", is_flag=True, help="Replace --out even if it is not a bundle written by emma-export.")
 
 
@@ -77,13 +81,14 @@ def _run_build(**kw) -> None:
 @click.option("--attention", type=click.Choice(["auto", "standard", "gqa"]), default="auto", show_default=True,
               help="The Und backbone's graph. auto: ONNX Runtime's fused GroupQueryAttention on an ONNX Runtime target "
                    "(the cpu), standard ONNX operators elsewhere (TensorRT parses only those).")
+@_kv_cache
 @click.option("--quiet", is_flag=True)
-def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, tasks, overwrite, attention, quiet):
+def build(config_name, checkpoint, precision, target, out, seed, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, tasks, overwrite, attention, kv_cache, quiet):
     """Export -> calibrate -> quantize -> engines -> verify, into one bundle (atomic)."""
     _run_build(config_name=config_name, checkpoint=checkpoint, precision=precision, target=target, out=out, seed=seed,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
                engines=not no_engines, force=force, json_out=json_out, progress=not quiet, task_eval_n=task_eval_n, only=only,
-               tasks=tuple(tasks), overwrite=overwrite, attention=None if attention == "auto" else attention)
+               tasks=tuple(tasks), overwrite=overwrite, attention=None if attention == "auto" else attention, kv_cache=kv_cache)
 
 
 @main.command()
@@ -103,11 +108,13 @@ def build(config_name, checkpoint, precision, target, out, seed, recipe, calibra
 @_task_eval
 @_only
 @_overwrite
-def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, overwrite):
+@_kv_cache
+def quantize(bundle_dir, precision, target, out, checkpoint, recipe, calibration, calib_samples, no_verify, no_e2e, no_engines, force, json_out, task_eval_n, only, overwrite, kv_cache):
     """Quantize an existing fp32 bundle into a new bundle (calibrate -> quantize -> engines -> verify)."""
     _run_build(source_bundle=bundle_dir, checkpoint=checkpoint, precision=precision, target=target, out=out,
                recipe=recipe, calibration=calibration, calib_samples=calib_samples, verify=not no_verify, e2e=not no_e2e,
-               engines=not no_engines, force=force, json_out=json_out, task_eval_n=task_eval_n, only=only, overwrite=overwrite)
+               engines=not no_engines, force=force, json_out=json_out, task_eval_n=task_eval_n, only=only, overwrite=overwrite,
+               kv_cache=kv_cache)
 
 
 @main.command()

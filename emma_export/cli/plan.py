@@ -32,14 +32,17 @@ def _target_names() -> list[str]:
               help="How the runtime runs classifier-free guidance (batch keeps a stacked copy of the prefix caches).")
 @click.option("--tasks", "tasks", multiple=True, type=click.Choice(["understand", "generate", "edit"]),
               help="Count only the components these tasks use (a task-subset bundle; repeatable).")
+@click.option("--kv-cache", "kv_cache", type=click.Choice(["auto", "fp32", "fp16", "int8", "fp8"]), default="auto", show_default=True,
+              help="The KV cache's dtype (build --kv-cache). auto: the precision's default (fp32 for fp32, fp8 for fp8, else fp16).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def plan(config_name, precision, target_name, context, image, cfg_mode, tasks, as_json):
+def plan(config_name, precision, target_name, context, image, cfg_mode, tasks, kv_cache, as_json):
     """Memory plan: weights per component, KV cache, activations, and the fit on each memory variant."""
-    from ..plan import kv_rows, plan_memory
+    from ..plan import KV_CACHE_BYTES, kv_rows, phase_kv_rows, plan_memory
 
     try:
         target = load_target(target_name)
-        p = plan_memory(get_config(config_name), precision, target, context=context, image=image, cfg_mode=cfg_mode, tasks=tuple(tasks))
+        p = plan_memory(get_config(config_name), precision, target, context=context, image=image, cfg_mode=cfg_mode,
+                        tasks=tuple(tasks), kv_cache=kv_cache)
     except (TargetError, ValueError) as e:
         _fail(str(e))
     if as_json:
@@ -60,10 +63,14 @@ def plan(config_name, precision, target_name, context, image, cfg_mode, tasks, a
         d = p.weights_detail.get(k, {})
         t.add_row(k, f"{p.parameters[k]:,}", mb(b), *(mb(d.get(c, 0)) for c in ("quantized", "scales", "high", "kept_fp32", "tables")), gib(b))
     t.add_row("[bold]weights", f"{sum(p.parameters.values()):,}", f"[bold]{mb(p.weights_total)}", "", "", "", "", "", f"[bold]{gib(p.weights_total)}")
-    t.add_row(f"KV cache ({p.context} tokens, {kv_rows(p.cfg_mode, p.tasks)} rows, {p.cfg_mode} guidance)", "", "", "", "", "", "", "", gib(p.kv_cache))
+    kv_b = KV_CACHE_BYTES[p.kv_cache_dtype]
+    t.add_row(f"KV cache {p.kv_cache_dtype} ({kv_b} B/value, {p.context} tokens, {kv_rows(p.cfg_mode, p.tasks)} rows, "
+              f"{p.cfg_mode} guidance)", "", "", "", "", "", "", "", gib(p.kv_cache))
     phase = max(p.activations, key=p.activations.get)
     t.add_row(f"activations (peak: {phase})", "", "", "", "", "", "", "", gib(p.activation_peak))
-    t.add_row("[bold]total", "", "", "", "", "", "", "", f"[bold]{gib(p.total)}")
+    rows = phase_kv_rows(p.cfg_mode, p.tasks)[p.peak_phase]
+    t.add_row(f"peak phase: {p.peak_phase} (its activations + {rows} KV rows)", "", "", "", "", "", "", "", gib(p.phases[p.peak_phase]))
+    t.add_row("[bold]total (weights + peak phase)", "", "", "", "", "", "", "", f"[bold]{gib(p.total)}")
     con = Console(width=max(Console().width, 140))  # the table reads badly wrapped
     con.print(t)
     click.echo(f"policy: {p.policy}")

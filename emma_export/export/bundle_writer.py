@@ -22,21 +22,26 @@ from ..config import EMMAConfig
 from .onnx_export import export_component
 from .out_dir import check_out, replace_dir, temp_sibling
 from .source import WeightSource
+from .streamed_export import threshold as streamed_threshold
 
 ONNX_DTYPES = {
     onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16",
     onnx.TensorProto.INT64: "int64", onnx.TensorProto.INT32: "int32", onnx.TensorProto.BOOL: "bool",
-    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.INT8: "int8", onnx.TensorProto.UINT8: "uint8", onnx.TensorProto.FLOAT8E4M3FN: "float8e4m3fn",
 }
 
 
-def default_attention(cfg: EMMAConfig, target: str, precision: str = "fp32") -> str:
+def default_attention(cfg: EMMAConfig, target: str, precision: str = "fp32", kv_cache: str = "auto") -> str:
     """The Und backbone's flavour for a target: ONNX Runtime's fused GroupQueryAttention on an ONNX
     Runtime target (the CPU; decode speed, docs/benchmarks.md) where the model's Und chunks are all
     causal; standard ONNX operators everywhere else (TensorRT parses only those). Every precision
-    quantizes either flavour (captured feeds are converted, Component.from_captured)."""
+    quantizes either flavour (captured feeds are converted, Component.from_captured). An FP8 KV cache
+    (or fp16 one) is standard everywhere: the operator takes neither on ONNX Runtime's CPU provider."""
+    from ..quantize.kv_cache import GQA_KV_CACHES
     from ..targets import load_target
 
+    if kv_cache not in GQA_KV_CACHES:
+        return "standard"
     return "gqa" if load_target(target).flavour == "ort" and gqa_possible(cfg) else "standard"
 
 
@@ -101,8 +106,9 @@ def export_bundle(
                 if bar:
                     bar.update(task, description=f"export {comp.name}")
                 t0 = time.perf_counter()
-                model = source.model_for(comp, dtype)
                 f = tmp / f"{comp.name}.onnx"
+                # past the threshold the weights are streamed from the source, never all in memory
+                model = source if source.weight_bytes(comp, dtype) > streamed_threshold() else source.model_for(comp, dtype)
                 export_component(comp, cfg, model, f, dtype=dtype)
                 del model
                 inputs, outputs = graph_io(f)

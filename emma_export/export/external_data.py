@@ -121,6 +121,19 @@ def save_graph(m: onnx.ModelProto, path: str | Path, limit: int | None = None) -
     return referenced_files(m)
 
 
+def graph_weight_bytes(path: str | Path) -> int:
+    """Bytes of a graph's initializers, from their dims (no data read)."""
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        n = 1
+        for d in t.dims:
+            n *= d
+        total += n * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize if t.data_type not in (
+            TensorProto.INT4, TensorProto.UINT4) else (n + 1) // 2
+    return total
+
+
 def load_graph(path: str | Path) -> onnx.ModelProto:
     """The graph with every external tensor read into memory (from files beside it)."""
     return onnx.load(str(path), load_external_data=True)
@@ -145,3 +158,56 @@ def refs_only(path: str | Path) -> onnx.ModelProto:
 
 def has_external(path: str | Path) -> bool:
     return bool(referenced_files(refs_only(path)))
+
+
+class DataWriter:
+    """Appends tensors to one external data file as they come (64-byte aligned, as ``save_graph``
+    lays them out) and returns each one's TensorProto referencing it by the file's bare name. Small
+    tensors (under MIN_EXTERNAL_TENSOR bytes) stay inline."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.bytes_written = 0
+        self._f = None
+
+    def __enter__(self) -> "DataWriter":
+        self._f = open(self.path, "wb")
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self._f.close()
+        return False
+
+    def add(self, name: str, value) -> TensorProto:
+        """``value``: a numpy array, or a TensorProto (its bytes as stored: packed INT4 and FP8
+        stay packed) renamed to ``name``. The returned proto never held the bytes: protobuf keeps a
+        cleared field's memory while the message lives, so a proto made with its data and then
+        pointed at the file would keep every weight in memory."""
+        import numpy as np
+
+        if isinstance(value, TensorProto):
+            if not value.HasField("raw_data"):
+                if value.ByteSize() < MIN_EXTERNAL_TENSOR:
+                    t = TensorProto()
+                    t.CopyFrom(value)
+                    t.name = name
+                    return t
+                value = onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(value), name)
+            raw, dtype, dims = value.raw_data, value.data_type, tuple(value.dims)
+        else:
+            a = np.ascontiguousarray(value)
+            if a.nbytes < MIN_EXTERNAL_TENSOR:
+                return onnx.numpy_helper.from_array(a, name)
+            raw, dtype, dims = memoryview(a).cast("B"), onnx.helper.np_dtype_to_tensor_dtype(a.dtype), a.shape
+        if len(raw) < MIN_EXTERNAL_TENSOR:
+            return onnx.helper.make_tensor(name, dtype, dims, bytes(raw), raw=True)
+        t = TensorProto()
+        t.name, t.data_type = name, dtype
+        t.dims.extend(dims)
+        pad = -self.bytes_written % 64
+        self._f.write(b"\0" * pad)
+        self.bytes_written += pad
+        self._f.write(raw)
+        set_external(t, self.path.name, self.bytes_written, len(raw))
+        self.bytes_written += len(raw)
+        return t

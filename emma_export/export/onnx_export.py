@@ -33,7 +33,17 @@ def _torch_inputs(comp: Component, cfg: EMMAConfig, dtype: str) -> tuple[torch.T
 
 
 def export_component(comp: Component, cfg: EMMAConfig, model, out_file: Path, dtype: str = "fp32", optimize: bool = True) -> onnx.ModelProto | None:
-    """Writes ``out_file`` (plus ``out_file.data`` past ``external_data.threshold()``). Returns nothing large."""
+    """Writes ``out_file`` (plus ``out_file.data`` past ``external_data.threshold()``). Returns nothing large.
+    ``model``: the EMMA whose tensors ``comp`` uses are real, or a ``WeightSource``: then the weights
+    are streamed from it one tensor at a time (``streamed_export``; the emma-4b backbones)."""
+    from .source import WeightSource
+
+    if isinstance(model, WeightSource):
+        from .streamed_export import export_streamed
+
+        export_streamed(comp, cfg, model, out_file, dtype)
+        _finish(comp, cfg, out_file, onnx.load(str(out_file), load_external_data=False))
+        return None
     module = comp.module(model).eval()
     args = _torch_inputs(comp, cfg, dtype)
     out_file = Path(out_file)
@@ -60,15 +70,21 @@ def export_component(comp: Component, cfg: EMMAConfig, model, out_file: Path, dt
         # written as traced (parity is checked by verify either way)
         if optimize and size <= external_data.DEFAULT_THRESHOLD:
             m = _optimize(m)
-        _name_symbolic_dims(m, comp, cfg)
         external_data.save_graph(m, out_file)
         del m
+    _finish(comp, cfg, out_file, onnx.load(str(out_file), load_external_data=False))
+    return None
+
+
+def _finish(comp: Component, cfg: EMMAConfig, out_file: Path, m: onnx.ModelProto) -> None:
+    """Symbolic dim names on the IO, then the checker and TensorRT's operator rules."""
+    _name_symbolic_dims(m, comp, cfg)
+    out_file.write_bytes(m.SerializeToString())
     onnx.checker.check_model(str(out_file), full_check=True)
     # Reject what TensorRT's parser cannot take now, naming the node, not at engine-build time. A gqa
     # graph is ONNX Runtime's own flavour (contrib operators): never given to TensorRT.
     if getattr(comp, "attention", None) != "gqa":
-        assert_supported(onnx.load(str(out_file), load_external_data=False), comp.name)
-    return None
+        assert_supported(m, comp.name)
 
 
 def _optimize(m: onnx.ModelProto) -> onnx.ModelProto:

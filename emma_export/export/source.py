@@ -70,8 +70,53 @@ class WeightSource:
         return materialize(model, self.seed, keep=comp.uses, dtype=td,
                            source=lambda name: read(name, floating=expected[name].is_floating_point())).eval()
 
+    def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """One state-dict tensor, alone (the streamed export reads the weights this way): the same
+        values ``model_for`` gives it."""
+        from ..weights.init import init_tensor
+
+        like = self._shapes()[name]
+        dt = dtype if like.is_floating_point() else like.dtype
+        if self.checkpoint is None:
+            return init_tensor(name, tuple(like.shape), dt, self.seed)
+        value = self._reader()(name, floating=like.is_floating_point())
+        if tuple(value.shape) != tuple(like.shape):
+            raise ValueError(f"tensor '{name}' has shape {tuple(value.shape)}, expected {tuple(like.shape)}")
+        return value.to(dt)
+
+    def weight_bytes(self, comp: Component, dtype: str = "fp32") -> int:
+        """Bytes of ``comp``'s tensors at ``dtype`` (from shapes alone)."""
+        size = torch.tensor([], dtype=DTYPES[dtype]).element_size()
+        return sum(t.numel() * (size if t.is_floating_point() else t.element_size())
+                   for n, t in self._shapes().items() if comp.uses(n))
+
+    def model_bytes(self) -> int:
+        """Bytes of the whole model's tensors at fp32."""
+        return sum(t.numel() * 4 for t in self._shapes().values())
+
+    def _shapes(self) -> dict[str, torch.Tensor]:
+        if not hasattr(self, "_meta"):
+            with torch.device("meta"):
+                self._meta = EMMA(self.cfg).state_dict()
+        return self._meta
+
+    def _reader(self):
+        if not hasattr(self, "_read"):
+            from ..weights.checkpoint import TensorReader, _files
+
+            files, _ = _files(self.checkpoint)
+            self._read = TensorReader(files, str(self.checkpoint))
+        return self._read
+
     def full_model(self) -> EMMA:
-        """The whole reference model (verify and the small configs)."""
+        """The whole reference model (verify and calibration). Past the streaming threshold
+        (emma-4b) its decoder layers' weights are read when each layer runs (``streamed_reference``)."""
+        from .streamed_export import threshold
+
+        if self.model_bytes() > threshold():
+            from ..streamed_reference import streamed_model
+
+            return streamed_model(self)
         if self.checkpoint is not None:
             from ..weights.checkpoint import load_checkpoint
 

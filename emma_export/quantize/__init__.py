@@ -34,8 +34,11 @@ class ComponentOutcome:
     details: dict
 
 
-def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_samples: int = 64) -> dict:
-    """Writes the component graph ``dst`` from the fp32 graph ``src`` as ``p`` says. Returns details."""
+def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_samples: int = 64,
+               sliced: bool | None = None) -> dict:
+    """Writes the component graph ``dst`` from the fp32 graph ``src`` as ``p`` says. Returns details.
+    ``sliced``: one decoder layer at a time (``sliced.py``); None: when the graph's weights are past
+    the streaming threshold (``EMMA_STREAM_BYTES``, the emma-4b backbones)."""
     from . import calibrate, fp16, modelopt_driver
 
     from ..export.external_data import copy_graph
@@ -45,6 +48,15 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
         if src != dst:
             copy_graph(src, dst)
         return {}
+    if sliced is None:
+        from ..export.streamed_export import threshold
+        from ..export.external_data import graph_weight_bytes
+
+        sliced = graph_weight_bytes(src) > threshold()
+    if sliced:
+        from .sliced import apply_plan_sliced
+
+        return apply_plan_sliced(p, src, dst, feeds, calib_samples)
     if p.method == "fp16":
         sample = calibrate.select(feeds, 8) if feeds else None
         return fp16.convert_fp16(src, dst, keep_ops=p.keep_fp32_ops, keep_nodes=p.keep_fp32, feeds=sample)
@@ -97,6 +109,8 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     m = bundle.manifest
     if m.precision != "fp32" or any(c.precision != "fp32" for c in m.components.values()):
         raise ValueError(f"{bundle_dir}: quantize starts from an fp32 bundle (this one is {m.precision})")
+    if m.kv_cache is not None:
+        raise ValueError(f"{bundle_dir}: quantize starts from an exported bundle (this one's KV cache is already {m.kv_cache.dtype})")
     cfg = EMMAConfig.from_dict(m.config)
     gpu = bool(getattr(target, "is_gpu", False))
     unknown = sorted(set(only) - set(m.components))

@@ -297,6 +297,10 @@ class Recipe:
     max_new_tokens: int = 6
     sizes: int = 3
     held_out: bool = False  # the verify images, prompts from the end of each section, other noise seeds
+    # denoising steps of each generation and edit (None: the model's sampler): emma-4b's reference
+    # reads every decoder layer's weights on every backbone call (streamed_reference), so its
+    # recipe runs a short trajectory (still from pure noise to the image)
+    steps: int | None = None
 
     @classmethod
     def named(cls, name: str) -> "Recipe":
@@ -307,7 +311,11 @@ class Recipe:
         if name == "verify":
             return cls(images=len(VERIFY_IMAGES), understand_prompts=2, generate_prompts=3, edit_prompts=3,
                        max_new_tokens=4, sizes=3, held_out=True)
-        raise ValueError(f"unknown calibration recipe {name!r} (full, quick, verify)")
+        if name == "scale":  # emma-4b: about 25 backbone calls in all (issue 23)
+            return cls(images=2, understand_prompts=1, generate_prompts=1, edit_prompts=1, max_new_tokens=2, sizes=1, steps=3)
+        if name == "scale-verify":
+            return cls(images=1, understand_prompts=1, generate_prompts=1, edit_prompts=1, max_new_tokens=2, sizes=1, steps=2, held_out=True)
+        raise ValueError(f"unknown calibration recipe {name!r} (full, quick, scale, verify, scale-verify)")
 
 
 def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path = PROMPTS_FILE, world=None,
@@ -350,14 +358,14 @@ def capture(model, tokenizer, recipe: Recipe | str = "full", prompts_file: Path 
             H, W = sizes[j % len(sizes)]
             gh, gw = cfg.grid(H, W)
             noise = torch.from_numpy(np.random.default_rng(seed0 + 1000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
-            ref.generate(model, tokenizer, gen_p[j % len(gen_p)], noise)
+            ref.generate(model, tokenizer, gen_p[j % len(gen_p)], noise, steps=recipe.steps)
         for j in range(recipe.edit_prompts if run("edit") else 0):
             n = names[j % len(names)]
             H, W = sizes[(j + 1) % len(sizes)]
             gh, gw = cfg.grid(H, W)
             img = torch.from_numpy(to_model_image(photos[n], H, W))
             noise = torch.from_numpy(np.random.default_rng(seed0 + 2000 + j).standard_normal((1, cfg.ae.latent_channels, gh, gw)).astype(np.float32))
-            ref.edit(model, tokenizer, img, edit_p[j % len(edit_p)], noise)
+            ref.edit(model, tokenizer, img, edit_p[j % len(edit_p)], noise, steps=recipe.steps)
     return cap.feeds
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import names
+from .kv_cache import EIGHT_BIT, KV_DTYPES
 from .paths import UnsafePathError, check_name, confined, read_regular, sha256_bytes
 
 FORMAT_VERSION = 1
@@ -23,7 +24,7 @@ MANIFEST = "manifest.json"
 CREATED_BY = "emma-export"  # the marker that lets a later build replace this folder without --overwrite
 MAX_MANIFEST_BYTES = 16 << 20
 MAX_FILE_BYTES = 1 << 40  # no bundle file is hashed past 1 TiB (a sparse or runaway file)
-DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "int8", "uint8")
+DTYPES = ("float32", "float16", "bfloat16", "int64", "int32", "bool", "int8", "uint8", "float8e4m3fn")
 _MAX_DIM = (1 << 31) - 1
 _SYMBOL = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 # a symbolic dimension: a name, or the expression shape inference leaves ("floor(height/2)")
@@ -142,13 +143,14 @@ class EngineInfo:
     profile: dict[str, tuple[int, int, int]]
     build_seconds: float = 0.0
     flavour: str = ""  # "tensorrt" or "tensorrt-rtx": which runtime deserializes it
+    builder_peak_rss: int = 0  # bytes: the building process's peak resident memory during this build
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "engine") -> "EngineInfo":
         f = _Fields(d, where)
         return cls(_file_name(f.str("file"), f"{where}.file"), f.sha("sha256"), f.str("target"), f.str("compute_capability"),
                    _profile(f.obj("profile"), f"{where}.profile"), f.float("build_seconds", 0.0, default=0.0),
-                   f.str("flavour", default=""))
+                   f.str("flavour", default=""), int(f.float("builder_peak_rss", 0.0, default=0.0)))
 
     def to_dict(self) -> dict:
         return {**asdict(self), "profile": {k: list(v) for k, v in self.profile.items()}}
@@ -183,6 +185,9 @@ class ComponentInfo:
     profile: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     engine: EngineInfo | None = None
     attention: str = names.ATTENTION_STANDARD  # backbones: "gqa" is ONNX Runtime's fused flavour (names.py)
+    # why this component's engine is to be built on the device (the builder would not fit where the
+    # bundle was built); empty: built here, or not a TensorRT bundle
+    engine_on_device: str = ""
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "component") -> "ComponentInfo":
@@ -204,7 +209,14 @@ class ComponentInfo:
             profile=_profile(f.obj("profile", default={}), f"{where}.profile"),
             engine=EngineInfo.from_dict(engine, f"{where}.engine") if engine else None,
             attention=f.str("attention", default=names.ATTENTION_STANDARD, choices=names.ATTENTIONS),
+            engine_on_device=f.str("engine_on_device", default=""),
         )
+
+    @property
+    def fp8(self) -> bool:
+        """FP8 Q/DQ in the graph: an fp8 component, or FP8 IO (an FP8 KV cache). ONNX Runtime's CPU
+        provider runs those with graph optimizations off."""
+        return self.precision == "fp8" or any(t.dtype == "float8e4m3fn" for t in self.inputs + self.outputs)
 
     def tensor(self, name: str) -> TensorInfo:
         for t in self.inputs + self.outputs:
@@ -226,7 +238,73 @@ class ComponentInfo:
             d["engine"] = self.engine.to_dict()
         if self.attention != names.ATTENTION_STANDARD:
             d["attention"] = self.attention
+        if self.engine_on_device:
+            d["engine_on_device"] = self.engine_on_device
         return d
+
+
+@dataclass(frozen=True)
+class KVCacheInfo:
+    """What the backbones' KV cache holds: ``dtype`` (kv_cache.KV_DTYPES), and for an 8-bit cache the
+    per-layer scales its graphs quantize with (``key_scales[i]`` for ``past_key_i``/``new_key_i``): a
+    cached value is ``round(x / scale)``. Both backbones read one cache, so they share the scales."""
+
+    dtype: str
+    key_scales: tuple[float, ...] = ()
+    value_scales: tuple[float, ...] = ()
+
+    @property
+    def quantized(self) -> bool:
+        return self.dtype in EIGHT_BIT
+
+    @classmethod
+    def from_dict(cls, d: dict, layers: int, where: str = "kv_cache") -> "KVCacheInfo":
+        f = _Fields(d, where)
+        dtype = f.str("dtype", choices=KV_DTYPES)
+        scales = []
+        for key in ("key_scales", "value_scales"):
+            v = f.list(key, default=[])
+            ok = all(not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) and 0 < x < 1e30 for x in v)
+            if not ok:
+                raise BundleError(f"{where}.{key}: scales must be finite numbers > 0")
+            if dtype in EIGHT_BIT and len(v) != layers:
+                raise BundleError(f"{where}.{key}: an {dtype} cache needs one scale per layer ({layers}), got {len(v)}")
+            if dtype not in EIGHT_BIT and v:
+                raise BundleError(f"{where}.{key}: a {dtype} cache has no scales")
+            scales.append(tuple(float(x) for x in v))
+        return cls(dtype, *scales)
+
+    def to_dict(self) -> dict:
+        d: dict = {"dtype": self.dtype}
+        if self.quantized:
+            d.update(key_scales=list(self.key_scales), value_scales=list(self.value_scales))
+        return d
+
+    def scale(self, name: str) -> float:
+        """The scale of a ``past_key_i``/``new_value_i``/``present_key_i`` tensor."""
+        kind, _, i = name.rpartition("_")
+        return (self.value_scales if kind.endswith("value") else self.key_scales)[int(i)]
+
+
+def _check_kv_io(m: "Manifest", where: str) -> None:
+    """Every backbone's KV tensors have the cache's dtype: the pipelines allocate one cache for both
+    graphs, and an 8-bit cache needs its scales in the manifest (``kv_cache``)."""
+    seen = {}
+    for name in names.BACKBONES:
+        info = m.components.get(name)
+        if info is None:
+            continue
+        for i in range(m.model.num_layers):
+            for n in names.past_kv(i) + (names.present_kv(i) if info.attention == names.ATTENTION_GQA else names.new_kv(i)):
+                seen[f"{name}.{n}"] = info.tensor(n).dtype
+    want = m.kv_cache.dtype if m.kv_cache else None
+    for tensor, dtype in seen.items():
+        if want is None and dtype not in ("float32", "float16"):
+            raise BundleError(f"{where}: {tensor} is {dtype} but the manifest has no kv_cache entry (its scales)")
+        if want is not None and dtype != want:
+            raise BundleError(f"{where}: {tensor} is {dtype}, the manifest's kv_cache is {want}")
+    if want is None and len(set(seen.values())) > 1:
+        raise BundleError(f"{where}: the backbones' KV tensors mix {', '.join(sorted(set(seen.values())))}: one cache feeds both")
 
 
 @dataclass(frozen=True)
@@ -288,6 +366,8 @@ class Manifest:
     created_by: str = "emma-export"
     # a task-subset bundle: the tasks it was built for (names.TASKS); empty: every task
     tasks: tuple[str, ...] = ()
+    # the KV cache's dtype and 8-bit scales; None: the float cache the graphs' IO says (older bundles)
+    kv_cache: KVCacheInfo | None = None
 
     def serves(self, task: str) -> bool:
         return not self.tasks or task in self.tasks
@@ -307,6 +387,7 @@ class Manifest:
                 "components": {k: v.to_dict() for k, v in self.components.items()},
                 "created_by": self.created_by,
                 "tasks": list(self.tasks),
+                **({"kv_cache": self.kv_cache.to_dict()} if self.kv_cache else {}),
             },
             indent=2,
         )
@@ -331,11 +412,13 @@ class Manifest:
             raise BundleError(f"{source}: tasks must be distinct names from {', '.join(names.TASKS)}, got {tasks!r}")
         if not all(isinstance(v, str) for v in policy.values()):
             raise BundleError(f"{source}: precision_policy values must be strings")
+        model = ModelDims.from_dict(f.obj("model"), f"{source}: model")
+        kv = f._get("kv_cache", None)
         return cls(
             format_version=fv,
             config_name=f.str("config_name"),
             config=f.obj("config"),
-            model=ModelDims.from_dict(f.obj("model"), f"{source}: model"),
+            model=model,
             precision=f.str("precision"),
             target=f.str("target"),
             components={_component_name(k, source): ComponentInfo.from_dict(v, f"{source}: components.{k}") for k, v in comps.items()},
@@ -344,6 +427,7 @@ class Manifest:
             weights=f.obj("weights", default={}),
             created_by=f.str("created_by", default=""),
             tasks=tuple(tasks),
+            kv_cache=None if kv is None else KVCacheInfo.from_dict(kv, model.num_layers, f"{source}: kv_cache"),
         )
 
     def files(self) -> list[tuple[str, str]]:
@@ -481,6 +565,7 @@ class Bundle:
                 raise BundleError(f"{root / MANIFEST}: component '{name}' is missing{why}")
         for name, info in manifest.components.items():
             _check_backbone_io(name, info, manifest.model.num_layers, f"{root / MANIFEST}: {name}")
+        _check_kv_io(manifest, str(root / MANIFEST))
         bundle = cls(root, manifest)
         for file, _ in manifest.files():
             bundle.path(file)

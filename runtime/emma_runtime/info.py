@@ -27,6 +27,7 @@ import click
 
 from . import names
 from .bundle import Bundle, BundleError
+from .kv_cache import storage_dtype
 
 MIB, GIB = 2**20, 2**30
 KV_ROWS = 6  # edit: 3 guidance prefixes + their batched copy (cfg_mode="batch")
@@ -156,7 +157,7 @@ def summarize_bundle(path: str | Path) -> BundleSummary:
     cache_dir = root / TRT_CACHE_DIR
     cache = [p for p in cache_dir.iterdir() if p.is_file()] if cache_dir.is_dir() else []
     d = m.model
-    kv_bytes = 2 * d.num_layers * d.num_kv_heads * d.head_dim * np.dtype(kv.dtype).itemsize * d.max_context * KV_ROWS
+    kv_bytes = 2 * d.num_layers * d.num_kv_heads * d.head_dim * storage_dtype(kv.dtype).itemsize * d.max_context * KV_ROWS
     return BundleSummary(
         path=str(root), format_version=m.format_version, config_name=m.config_name, precision=m.precision,
         target=m.target, created_by=m.created_by, weights=dict(m.weights), model=asdict(d), components=rows,

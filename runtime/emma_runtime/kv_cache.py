@@ -8,6 +8,12 @@ graph returns them (``new_key_i``) and ``write`` puts them there (a copy of the 
 
 A row's length (``lengths[b]``) is how many positions it holds; they are also the RoPE position of its
 next token, and a standard graph's attention mask over the past is ``position < length``.
+
+The buffers hold what the backbone graphs take (their ``past_key_i`` dtype): float32 or float16, or
+an 8-bit cache (``int8``, ``float8e4m3fn``) holding ``round(x / scale)`` with one scale per layer for
+the keys and one for the values (the manifest's ``kv_cache``). The graphs quantize and dequantize;
+the runtime only moves the bytes. numpy has no FP8 type, so an FP8 cache lives in uint8 arrays (the
+same bytes) and the backends bind it under its ONNX type.
 """
 
 from __future__ import annotations
@@ -18,6 +24,40 @@ from functools import cached_property
 import numpy as np
 
 from . import names
+
+FLOAT8 = "float8e4m3fn"
+EIGHT_BIT = ("int8", FLOAT8)
+#: the dtypes a bundle's KV cache can have (manifest names, as TensorInfo.dtype spells them)
+KV_DTYPES = ("float32", "float16", "int8", FLOAT8)
+
+
+def storage_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype a cache of the manifest dtype ``dtype`` is stored in (FP8 bytes as uint8)."""
+    return np.dtype(np.uint8) if dtype == FLOAT8 else np.dtype(dtype)
+
+
+def _fp8_table() -> np.ndarray:
+    """float32 value of every E4M3FN byte (sign, 4 exponent bits with bias 7, 3 mantissa bits; no
+    infinities, 0x7f/0xff are NaN): dequantizing needs no FP8 library on a device."""
+    b = np.arange(256)
+    sign = np.where(b & 0x80, -1.0, 1.0)
+    exp, man = (b >> 3) & 0xF, b & 0x7
+    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    val = (sign * val).astype(np.float32)
+    val[(b & 0x7F) == 0x7F] = np.nan
+    return val
+
+
+_FP8 = _fp8_table()
+
+
+def dequantize(a: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    """float32 values of cache bytes ``a`` of the manifest dtype ``dtype`` (a float cache as it is)."""
+    if dtype == FLOAT8:
+        return _FP8[np.asarray(a, np.uint8)] * np.float32(scale)
+    if dtype == "int8":
+        return np.asarray(a, np.float32) * np.float32(scale)
+    return np.asarray(a, np.float32)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from . import names, template
 from .backends import make_backend
 from .bundle import Bundle, BundleError
 from .images import ImageError, load_image
-from .kv_cache import KVCache
+from .kv_cache import KVCache, dequantize, storage_dtype
 from .limits import Limits, RequestError
 from .sampling import initial_noise, sample_token, timesteps
 from .template import Image, SpecialIds, Text
@@ -91,14 +91,16 @@ class Pipeline:
             self.special = SpecialIds.from_tokenizer(self.tokenizer)
         except ValueError as e:
             raise BundleError(f"{bundle.root / bundle.manifest.tokenizer[0]}: {e}") from None
-        # The cache holds what the backbone graphs take (fp32, or fp16 for a half-precision bundle).
+        # The cache holds what the backbone graphs take: float32 or float16, or 8-bit (int8, FP8 bytes
+        # as uint8) for a bundle built with --kv-cache int8|fp8 (the graphs quantize and dequantize).
         try:
             und = bundle.manifest.components[names.BACKBONE_UND] if names.BACKBONE_UND in bundle.manifest.components \
                 else bundle.manifest.components[names.BACKBONE_GEN]
             kv = und.tensor(names.past_kv(0)[0])
         except (BundleError, KeyError) as e:
             raise BundleError(f"{bundle.root}: backbone: {e}") from None
-        self.kv_dtype = np.dtype(kv.dtype)
+        self.kv_type = kv.dtype  # the manifest's name (float8e4m3fn has no numpy dtype)
+        self.kv_dtype = storage_dtype(kv.dtype)
         self.attention = {n: c.attention for n, c in bundle.manifest.components.items() if n in names.BACKBONES}
         # Every graph is opened now, from the bytes its checksum was computed on: nothing the bundle
         # folder holds later (a graph swapped after load) is ever read.
@@ -286,9 +288,14 @@ class Pipeline:
         return UnderstandOutput(text, out, info["expert"], info["visual_tokens"], timings)
 
     def _cache_on_host(self, cache: KVCache):
-        """(length, layers, batch, kv_heads, head_dim) keys and values (StepTrace's layout): what the cache holds."""
+        """(length, layers, batch, kv_heads, head_dim) keys and values (StepTrace's layout): what the cache
+        holds, as float32 (an 8-bit cache dequantized with its per-layer scales)."""
         k, v = cache.to_host()
         n = cache.length
+        kv = self.bundle.manifest.kv_cache
+        if kv is not None and kv.quantized:
+            k = np.stack([dequantize(k[i], kv.key_scales[i], kv.dtype) for i in range(len(k))])
+            v = np.stack([dequantize(v[i], kv.value_scales[i], kv.dtype) for i in range(len(v))])
         return k[:, :, :, :n].transpose(3, 0, 1, 2, 4), v[:, :, :, :n].transpose(3, 0, 1, 2, 4)
 
     def _denoise(self, prefixes: list[tuple[KVCache, float]], noise: np.ndarray, steps: int, shift: float,

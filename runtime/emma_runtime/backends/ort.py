@@ -21,9 +21,13 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Bundle, BundleError, Graph
+from ..kv_cache import FLOAT8, storage_dtype
 from . import ort_providers as prov
 
-_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "int32": np.int32}
+_NP = {"float32": np.float32, "float16": np.float16, "int64": np.int64, "bool": np.bool_, "int32": np.int32,
+       "int8": np.int8, "uint8": np.uint8, FLOAT8: storage_dtype(FLOAT8).type}
+# ONNX's FLOAT8E4M3FN: an FP8 cache is uint8 bytes here and is bound under this element type
+_ONNX_FP8 = 17
 
 
 class OrtDeviceArray:
@@ -151,6 +155,8 @@ class OrtSession:
         self.output_names = [o.name for o in self.sess.get_outputs()]
         self.input_dtypes = {t.name: _NP[t.dtype] for t in info.inputs}
         self.output_dtypes = {t.name: _NP[t.dtype] for t in info.outputs}
+        # what each tensor is bound as: its numpy dtype, or ONNX's FP8 type for FP8 bytes held as uint8
+        self._elem = {t.name: _ONNX_FP8 if t.dtype == FLOAT8 else None for t in info.inputs + info.outputs}
         # per thread: an IOBinding and what each name is bound to (outputs: " " + name)
         self._local = threading.local()
 
@@ -175,7 +181,7 @@ class OrtSession:
                     raise ValueError(f"{self.name}: input '{n}' is a {a.dtype} device array, the graph takes {np.dtype(want)}")
                 key = (a.device, a.ptr, a.shape, a.dtype)
                 if bound.get(n) != key:
-                    binding.bind_input(n, a.device, a.device_id, a.dtype, list(a.shape), a.ptr)
+                    binding.bind_input(n, a.device, a.device_id, self._elem[n] or a.dtype, list(a.shape), a.ptr)
                     bound[n] = key
                 continue
             a = np.asarray(a)
@@ -186,7 +192,7 @@ class OrtSession:
             keep.append(a)
             key = ("cpu", a.ctypes.data, a.shape, a.dtype)
             if bound.get(n) != key:
-                binding.bind_input(n, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+                binding.bind_input(n, "cpu", 0, self._elem[n] or a.dtype, list(a.shape), a.ctypes.data)
                 bound[n] = key
         for n in self.output_names:
             if n in outputs:
@@ -197,14 +203,14 @@ class OrtSession:
                         raise ValueError(f"{self.name}: output buffer '{n}' is {o.dtype}, the graph writes {want}")
                     key = ("out", o.device, o.ptr, o.shape, o.dtype)
                     if bound.get(" " + n) != key:
-                        binding.bind_output(n, o.device, o.device_id, o.dtype, list(o.shape), o.ptr)
+                        binding.bind_output(n, o.device, o.device_id, self._elem[n] or o.dtype, list(o.shape), o.ptr)
                         bound[" " + n] = key
                     continue
                 if not o.flags.c_contiguous or o.dtype != want:
                     raise ValueError(f"{self.name}: output buffer '{n}' must be a contiguous {want.name} array")
                 key = ("out", "cpu", o.ctypes.data, o.shape, o.dtype)
                 if bound.get(" " + n) != key:
-                    binding.bind_output(n, "cpu", 0, o.dtype, list(o.shape), o.ctypes.data)
+                    binding.bind_output(n, "cpu", 0, self._elem[n] or o.dtype, list(o.shape), o.ctypes.data)
                     bound[" " + n] = key
             else:  # ONNX Runtime allocates it; bound anew every run, or the last run's array would be reused
                 binding.bind_output(n, "cpu")
@@ -245,8 +251,9 @@ class OrtBackend:
         if self.choice.gpu and info.attention == "gqa" and info.precision not in ("fp16", "bf16"):
             raise BundleError(f"{component}: a {info.precision} GroupQueryAttention graph runs on ONNX Runtime's CPU provider only "
                               f"(its CUDA kernel takes fp16/bf16): build the bundle with --attention standard for a GPU")
-        # Q/DQ FP8 graphs only run on the CPU provider with graph optimizations off.
-        fp8 = info.precision == "fp8"
+        # Q/DQ FP8 graphs (an FP8 precision or an FP8 KV cache) only run on the CPU provider with graph
+        # optimizations off.
+        fp8 = info.fp8
         graph, where = bundle.graph(component), str(bundle.root / info.file)
         try:
             return OrtSession(graph, prov.session_providers(self.choice, bundle, component), component, info,

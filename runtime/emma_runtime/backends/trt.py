@@ -169,6 +169,8 @@ class DeviceArray:
 
 
 def _tensor_np_dtype(trt, dt):
+    if dt == getattr(trt.DataType, "FP8", None):  # an FP8 KV cache: its bytes as uint8 (kv_cache.storage_dtype)
+        return np.dtype(np.uint8)
     try:
         return np.dtype(trt.nptype(dt))
     except TypeError:

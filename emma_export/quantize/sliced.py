@@ -1,0 +1,146 @@
+"""A component graph too large for Model Optimizer's ONNX PTQ (which loads the graph, an augmented
+copy and an ONNX Runtime session of it: several times the weights) quantized one decoder layer at
+a time (``layer_slices``).
+
+The fp32 graph runs slice by slice over the calibration feeds; before each slice runs, its inputs
+(the fp32 activations the earlier slices made: the standard layer-by-layer PTQ) calibrate that
+slice alone, through the same ``apply_plan`` (policy, Model Optimizer, post-passes) a small graph
+takes whole. The quantized slices are then stitched back into one graph, their weights appended to
+its external data file one slice at a time. Node names are the original ones, so the policy's
+patterns and exclusions apply unchanged.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..export import external_data
+import re
+
+from ..layer_slices import Slice, SlicedGraph, SliceRunner, layer_of
+
+_LAYER_SCOPE = re.compile(r"^(.*?/layers\.\d+/)")
+
+Feed = dict[str, np.ndarray]
+
+
+def _cpu_session(model_bytes: bytes):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
+
+
+def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_samples: int = 64, progress=None) -> dict:
+    """``apply_plan`` for a large graph, layer by layer. Returns the details of every slice merged
+    (counts added up) plus how many slices there were."""
+    from . import apply_plan, calibrate
+
+    src, dst = Path(src), Path(dst)
+    sg = SlicedGraph(src)
+    chosen = calibrate.select(feeds, calib_samples) if feeds else None
+    details: dict = {"slices": len(sg.slices)}
+    with tempfile.TemporaryDirectory(prefix=".slices-", dir=dst.parent) as td:
+        parts: list[tuple[Slice, Path]] = []
+
+        def quantize(s: Slice, model: onnx.ModelProto, ins: list[Feed] | None) -> None:
+            a, b = Path(td) / f"{s.name}.src.onnx", Path(td) / f"{s.name}.onnx"
+            # inline below the protobuf limit (save_graph would otherwise move the weights of the
+            # very model the runner is about to run out to a file)
+            if external_data.inline_bytes(model) > external_data.DEFAULT_THRESHOLD:
+                model = _copy(model)
+            external_data.save_graph(model, a, limit=external_data.DEFAULT_THRESHOLD)
+            d = apply_plan(p, a, b, ins, calib_samples=len(ins) if ins else calib_samples, sliced=False)
+            for k, v in d.items():
+                details[k] = details.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+            for f in [a] + [a.parent / r for r in external_data.referenced_files(external_data.refs_only(a))]:
+                f.unlink(missing_ok=True)
+            parts.append((s, b))
+
+        if chosen:
+            SliceRunner(sg, _cpu_session, on_slice=quantize).run(chosen, progress=progress)
+        else:
+            for s in sg.slices:
+                if progress:
+                    progress(f"{src.name}: slice {s.name}")
+                quantize(s, sg.model(s), None)
+        stitch(sg, parts, dst)
+    return details
+
+
+def _copy(m: onnx.ModelProto) -> onnx.ModelProto:
+    c = onnx.ModelProto()
+    c.CopyFrom(m)
+    return c
+
+
+def _scope(s: Slice) -> str:
+    """'/llm/layers.7/' for a layer's slice (from its own nodes' names); '' for the head and tail."""
+    for n in s.nodes:
+        m = _LAYER_SCOPE.match(n.name)
+        if m:
+            return m.group(1)
+    return ""
+
+
+def stitch(sg: SlicedGraph, parts: list[tuple[Slice, Path]], dst: Path) -> None:
+    """One graph from the converted slices, in order: the original graph's IO, each slice's nodes
+    and weights (names another slice already used get the slice's name appended), the weights
+    appended to ``dst``'s data file one slice at a time."""
+    orig = sg.proto.graph
+    io_names = {v.name for v in list(orig.input) + list(orig.output)}
+    used: set[str] = set(io_names)
+    nodes, inits, value_info = [], [], []
+    opsets: dict[str, int] = {o.domain: o.version for o in sg.proto.opset_import}
+    ir = sg.proto.ir_version
+    data = dst.parent / external_data.data_file_name(dst)
+    types: dict[str, onnx.TypeProto] = {}
+    with external_data.DataWriter(data) as w:
+        for s, path in parts:
+            q = onnx.load(str(path))  # one slice's weights
+            for o in q.opset_import:
+                opsets[o.domain] = max(opsets.get(o.domain, 0), o.version)
+            ir = max(ir, q.ir_version)
+            boundary = set(s.inputs) | set(s.outputs)
+            for v in list(q.graph.input) + list(q.graph.output):
+                types.setdefault(v.name, v.type)
+            mine = {o for n in q.graph.node for o in n.output} | {t.name for t in q.graph.initializer}
+            rename = {t: f"{t}#{s.name}" for t in mine if t in used and t not in boundary}
+            scope = _scope(s)
+            for n in q.graph.node:
+                if scope and layer_of(n) is None:
+                    # a node a converter added (a Cast, a Q/DQ pair) keeps its layer's scope, so the
+                    # stitched graph slices again as it was sliced
+                    n.name = scope + n.name.lstrip("/")
+                n.input[:] = [rename.get(i, i) for i in n.input]
+                n.output[:] = [rename.get(o, o) for o in n.output]
+                if n.name in used:
+                    n.name = f"{n.name}#{s.name}"
+                used.add(n.name)
+                nodes.append(n)
+            for t in q.graph.initializer:
+                name = rename.get(t.name, t.name)
+                inits.append(w.add(name, t))
+            used |= {rename.get(t, t) for t in mine}
+            for vi in q.graph.value_info:
+                vi.name = rename.get(vi.name, vi.name)
+                value_info.append(vi)
+            del q
+    outs = []
+    for v in orig.output:  # a slice may have changed an output's element type (fp16): take the slice's
+        vi = onnx.ValueInfoProto()
+        vi.CopyFrom(v)
+        if v.name in types:
+            vi.type.tensor_type.elem_type = types[v.name].tensor_type.elem_type
+        outs.append(vi)
+    g = helper.make_graph(nodes, orig.name, list(orig.input), outs, inits, value_info=value_info)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid(d, v) for d, v in opsets.items()], ir_version=ir)
+    if not w.bytes_written:
+        data.unlink(missing_ok=True)
+    dst.write_bytes(m.SerializeToString())

@@ -1,0 +1,179 @@
+"""emma-4b's way through the toolchain, on tiny (issue 23): components past ``EMMA_STREAM_BYTES``
+are exported with their weights streamed one tensor at a time, run, calibrated, quantized and
+verified one decoder layer's slice at a time, against a reference whose layers read their weights
+when they run. Each path must give what the whole-graph path gives, and verify must still fail
+when a layer's weights are wrong."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from emma_export.components import all_components, get_component
+from emma_export.export.onnx_export import export_component
+from emma_export.export.source import WeightSource
+from emma_export.layer_slices import SliceError, SlicedGraph, SliceRunner, plan_slices
+
+COMPONENTS = ["backbone_und", "backbone_gen", "und_trunk", "ae_decoder", "lm_head"]
+
+
+def _run_whole(path, feeds):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [o.name for o in s.get_outputs()]
+    return [dict(zip(names, s.run(None, f))) for f in feeds]
+
+
+def _cpu(model_bytes):
+    return ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def source(tiny_cfg):
+    return WeightSource(tiny_cfg, 0)
+
+
+@pytest.mark.parametrize("name,attention", [(n, "standard") for n in COMPONENTS] + [("backbone_und", "gqa")])
+def test_streamed_export_is_the_export(tmp_path, tiny_cfg, source, monkeypatch, name, attention):
+    """The same numbers and the same GEMM node names (the policy matches them) as the export that
+    holds the module; each weight read from the source exactly once, the whole model never."""
+    comp = get_component(tiny_cfg, name, attention)
+    whole, streamed = tmp_path / "whole.onnx", tmp_path / "streamed.onnx"
+    export_component(comp, tiny_cfg, source.model_for(comp), whole, optimize=False)
+    reads = []
+    real_tensor = WeightSource.tensor
+    monkeypatch.setattr(WeightSource, "tensor", lambda self, n, *a: reads.append(n) or real_tensor(self, n, *a))
+    monkeypatch.setattr(WeightSource, "model_for", lambda *a, **k: pytest.fail("the streamed export materialised the model"))
+    export_component(comp, tiny_cfg, source, streamed)
+    assert len(reads) == len(set(reads)) > 0
+    m = onnx.load(str(streamed), load_external_data=False)
+    assert {i.name for i in m.graph.input} == {s.name for s in comp.inputs(tiny_cfg)}  # no weight left as an input
+    gemms = lambda g: sorted(n.name for n in g.graph.node if n.op_type in ("MatMul", "Gemm", "Conv"))
+    assert gemms(m) == gemms(onnx.load(str(whole), load_external_data=False))
+    feeds = [comp.sample_inputs(tiny_cfg, d, np.random.default_rng(i)) for i, d in enumerate(comp.verify_dims(tiny_cfg)[:2])]
+    for a, b in zip(_run_whole(whole, feeds), _run_whole(streamed, feeds)):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name,attention", [("backbone_und", "standard"), ("backbone_und", "gqa"), ("und_trunk", "standard"), ("ae_encoder", "standard")])
+def test_slice_runner_gives_the_whole_graphs_outputs(tiny_bundle, tiny_bundle_standard, tiny_cfg, name, attention):
+    b = tiny_bundle if attention == "gqa" else tiny_bundle_standard
+    path = b / f"{name}.onnx"
+    sg = SlicedGraph(path)
+    if name == "backbone_und":
+        assert [s.name for s in sg.slices if s.name.startswith("layers.")] == [f"layers.{i}" for i in range(tiny_cfg.llm.num_hidden_layers)]
+    comp = get_component(tiny_cfg, name, attention)
+    feeds = [comp.sample_inputs(tiny_cfg, d, np.random.default_rng(i)) for i, d in enumerate(comp.verify_dims(tiny_cfg)[:2])]
+    for a, b_ in zip(_run_whole(path, feeds), SliceRunner(sg, _cpu).run(feeds)):
+        assert a.keys() == b_.keys()
+        for k in a:
+            np.testing.assert_array_equal(b_[k], a[k])
+
+
+def test_a_slice_that_reads_a_later_layer_is_refused():
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])
+    nodes = [helper.make_node("Relu", ["t1"], ["t0"], name="/llm/layers.0/Relu"),
+             helper.make_node("Neg", ["x"], ["t1"], name="/llm/layers.1/Neg"),
+             helper.make_node("Abs", ["t0"], ["y"], name="/llm/norm/Abs")]
+    m = helper.make_model(helper.make_graph(nodes, "g", [x], [y]))
+    with pytest.raises(SliceError, match="slice 0 reads 't1' made by slice 1"):
+        plan_slices(m)
+
+
+def test_streamed_reference_is_the_reference_and_lets_go(tiny_cfg, tiny_reference, monkeypatch):
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    st = WeightSource(tiny_cfg, 0).full_model()
+    layer_params = lambda m: [p for n, p in m.named_parameters() if n.startswith("llm.layers.")]
+    assert all(p.is_meta for p in layer_params(st))
+    for comp in all_components(tiny_cfg):
+        feeds = comp.sample_inputs(tiny_cfg, comp.export_dims(tiny_cfg), np.random.default_rng(0))
+        args = [torch.from_numpy(feeds[s.name]) for s in comp.inputs(tiny_cfg)]
+        with torch.no_grad():
+            a, b = comp.module(tiny_reference)(*args), comp.module(st)(*args)
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            torch.testing.assert_close(y, x, rtol=0, atol=0)
+    assert all(p.is_meta for p in layer_params(st))  # every layer's weights dropped after its call
+
+
+@pytest.fixture(scope="module")
+def streamed_bundle(tmp_path_factory):
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EMMA_STREAM_BYTES", "0")
+    from emma_export.export.bundle_writer import export_bundle
+
+    out = tmp_path_factory.mktemp("streamed") / "tiny"
+    export_bundle(WeightSource.from_args("tiny", None, 0), out, progress=False, attention="standard")
+    yield out
+    mp.undo()
+
+
+def test_verify_runs_slice_by_slice_and_fails_on_swapped_layers(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """verify of a streamed component says how it ran, passes on the export, and fails when two
+    layers' weights are swapped in the graph file (a stitching bug of that kind)."""
+    import shutil
+
+    from emma_export.verify import verify_components
+    from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    ok = verify_components(Bundle.load(streamed_bundle), tiny_reference, names=["backbone_gen"])["backbone_gen"]
+    assert ok.passed and ok.rel_l2 < 1e-5 and "slice by slice" in ok.note
+    bad = tmp_path / "bad"
+    shutil.copytree(streamed_bundle, bad)
+    g = bad / "backbone_gen.onnx"
+    m = onnx.load(str(g), load_external_data=False)
+    inits = {t.name: t for t in m.graph.initializer}
+    a, b = (next(t for n, t in inits.items() if f"/layers.{i}/self_attn/o_proj/" in n) for i in (0, 1))
+    a.name, b.name = b.name, a.name  # layer 0 now reads layer 1's output projection and vice versa
+    g.write_bytes(m.SerializeToString())
+    import json
+
+    man = json.loads((bad / MANIFEST).read_text())
+    man["components"]["backbone_gen"]["sha256"] = sha256_file(g)
+    (bad / MANIFEST).write_text(json.dumps(man))
+    r = verify_components(Bundle.load(bad), tiny_reference, names=["backbone_gen"])["backbone_gen"]
+    assert not r.passed and r.rel_l2 > 10 * r.tolerance, r
+
+
+def test_sliced_fp8_is_as_close_as_whole_graph_fp8(tiny_bundle_standard, tiny_reference, tokenizer, tiny_cfg, tmp_path):
+    """Layer-by-layer PTQ (each slice calibrated on the fp32 activations of the slices before it)
+    against Model Optimizer on the whole graph: both within the fp8 tolerance, of the same order."""
+    pytest.importorskip("modelopt.onnx.quantization")
+    from emma_export.quantize import apply_plan
+    from emma_export.quantize.calibrate import Recipe, capture
+    from emma_export.quantize.policy import plan
+    from emma_export.verify import rel_l2
+
+    comp = get_component(tiny_cfg, "backbone_gen")
+    feeds = comp.from_captured(tiny_cfg, capture(tiny_reference, tokenizer, Recipe(images=2, understand_prompts=1, generate_prompts=2, edit_prompts=1,
+                                                                                    max_new_tokens=2, sizes=1))["backbone_gen"])
+    p = plan("backbone_gen", "fp8", True, tiny_cfg)
+    src = tiny_bundle_standard / "backbone_gen.onnx"
+    whole, sliced = tmp_path / "w" / "g.onnx", tmp_path / "s" / "g.onnx"
+    for d in (whole, sliced):
+        d.parent.mkdir()
+    apply_plan(p, src, whole, feeds, 16, sliced=False)
+    details = apply_plan(p, src, sliced, feeds, 16, sliced=True)
+    assert details["slices"] == len(SlicedGraph(src).slices)
+    test = [comp.sample_inputs(tiny_cfg, d, np.random.default_rng(7 + i)) for i, d in enumerate(comp.verify_dims(tiny_cfg))]
+    ref = _run_whole(src, test)
+    errs = {}
+    for label, g in (("whole", whole), ("sliced", sliced)):
+        got = SliceRunner(SlicedGraph(g), lambda b: ort.InferenceSession(b, _no_opt(), providers=["CPUExecutionProvider"])).run(test)
+        errs[label] = max(rel_l2(x["hidden_states"], r["hidden_states"]) for x, r in zip(got, ref))
+    from emma_export.precision import tolerance_for
+
+    assert errs["sliced"] <= tolerance_for("backbone_gen", "fp8"), errs
+    assert errs["sliced"] <= 2 * errs["whole"] + 1e-3, errs
+
+
+def _no_opt():
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return so
