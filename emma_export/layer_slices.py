@@ -15,9 +15,9 @@ parity measured through ``SliceRunner`` is the parity of the file itself.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx

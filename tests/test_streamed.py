@@ -15,7 +15,7 @@ import torch
 from emma_export.components import all_components, get_component
 from emma_export.export.onnx_export import export_component
 from emma_export.export.source import WeightSource
-from emma_export.layer_slices import SliceError, SlicedGraph, SliceRunner, plan_slices
+from emma_export.layer_slices import SlicedGraph, SliceError, SliceRunner, plan_slices
 
 COMPONENTS = ["backbone_und", "backbone_gen", "und_trunk", "ae_decoder", "lm_head"]
 
@@ -118,8 +118,9 @@ def test_verify_runs_slice_by_slice_and_fails_on_swapped_layers(streamed_bundle,
     layers' weights are swapped in the graph file (a stitching bug of that kind)."""
     import shutil
 
-    from emma_export.verify import verify_components
     from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    from emma_export.verify import verify_components
 
     monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
     ok = verify_components(Bundle.load(streamed_bundle), tiny_reference, names=["backbone_gen"])["backbone_gen"]

@@ -33,15 +33,20 @@ SUFFIX = ".data"
 
 def threshold() -> int:
     """Bytes of inline weights past which a graph is written with external data."""
-    raw = os.environ.get(ENV)
+    return bytes_from_env(ENV, DEFAULT_THRESHOLD)
+
+
+def bytes_from_env(name: str, default: int) -> int:
+    """A byte count from the environment variable ``name`` (unset or empty: ``default``)."""
+    raw = os.environ.get(name)
     if not raw:
-        return DEFAULT_THRESHOLD
+        return default
     try:
         v = int(raw)
     except ValueError:
-        raise ValueError(f"{ENV}={raw!r}: expected a number of bytes") from None
+        raise ValueError(f"{name}={raw!r}: expected a number of bytes") from None
     if v < 0:
-        raise ValueError(f"{ENV}={raw!r}: expected a number of bytes >= 0")
+        raise ValueError(f"{name}={raw!r}: expected a number of bytes >= 0")
     return v
 
 

@@ -37,20 +37,9 @@ _SCOPE = "inner"
 
 
 def threshold() -> int:
-    """Bytes of component weights past which the export streams them (default: where the graph
-    needs external data anyway). Tests set it to 0 so that tiny components take this path."""
-    import os
-
-    raw = os.environ.get(ENV)
-    if not raw:
-        return external_data.DEFAULT_THRESHOLD
-    try:
-        v = int(raw)
-    except ValueError:
-        raise ValueError(f"{ENV}={raw!r}: expected a number of bytes") from None
-    if v < 0:
-        raise ValueError(f"{ENV}={raw!r}: expected a number of bytes >= 0")
-    return v
+    """Bytes of a component's fp32 weights past which every stage goes layer by layer (default: where
+    the graph needs external data anyway). Tests set it to 0 so that tiny components take this path."""
+    return external_data.bytes_from_env(ENV, external_data.DEFAULT_THRESHOLD)
 
 
 class _WeightsAsInputs(nn.Module):
@@ -174,7 +163,7 @@ def _weights_to_initializers(m: onnx.ModelProto, weight_inputs: list[str], read,
             changed = True
             while changed:
                 changed = False
-                for name in list(produced):
+                for name in list(produced):  # noqa: PERF101 - produced grows inside the loop
                     for n in consumers.get(name, []):
                         if id(n) in folded or n.op_type in ("Shape", "Size"):
                             continue

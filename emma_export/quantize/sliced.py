@@ -12,6 +12,7 @@ patterns and exclusions apply unchanged.
 
 from __future__ import annotations
 
+import re
 import tempfile
 from pathlib import Path
 
@@ -20,8 +21,6 @@ import onnx
 from onnx import helper
 
 from ..export import external_data
-import re
-
 from ..layer_slices import Slice, SlicedGraph, SliceRunner, layer_of
 
 _LAYER_SCOPE = re.compile(r"^(.*?/layers\.\d+/)")
