@@ -178,3 +178,27 @@ def _no_opt():
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return so
+
+
+def test_sliced_fp16_keeps_each_slices_constants_apart(tmp_path, tiny_cfg, source):
+    """The fp16 conversion (a GPU target's high precision) types a constant fp16 in one slice and
+    keeps it fp32 in another (the trunk's router is kept fp32): the stitched graph must keep the two
+    copies apart, run, and match the whole-graph conversion."""
+    from emma_export.quantize import apply_plan
+    from emma_export.quantize.policy import plan
+    from emma_export.verify import rel_l2
+
+    comp = get_component(tiny_cfg, "und_trunk")
+    src = tmp_path / "trunk.onnx"
+    export_component(comp, tiny_cfg, source, src)
+    feeds = [comp.sample_inputs(tiny_cfg, d, np.random.default_rng(i)) for i, d in enumerate(comp.verify_dims(tiny_cfg))]
+    p = plan("und_trunk", "int4w", True, tiny_cfg)  # compute-bound: kept high, i.e. fp16 on a GPU target
+    assert p.method == "fp16"
+    whole, sliced = tmp_path / "w" / "g.onnx", tmp_path / "s" / "g.onnx"
+    for d in (whole, sliced):
+        d.parent.mkdir()
+    apply_plan(p, src, whole, feeds, 8, sliced=False)
+    apply_plan(p, src, sliced, feeds, 8, sliced=True)
+    for a, b in zip(_run_whole(whole, feeds), _run_whole(sliced, feeds)):
+        for k in a:
+            assert rel_l2(b[k], a[k]) < 1e-3, k

@@ -30,6 +30,7 @@ from torch import nn
 from ..components import Component
 from ..config import EMMAConfig
 from . import external_data
+from .graph_edit import set_nodes
 
 ENV = "EMMA_STREAM_BYTES"
 # the scope the wrapper below adds to every traced node name (removed after tracing)
@@ -191,13 +192,10 @@ def _weights_to_initializers(m: onnx.ModelProto, weight_inputs: list[str], read,
             for t in boundary:
                 new_inits.append(writer.add(t, np.ascontiguousarray(values[t])))
             del values, value
-    keep = [n for n in g.node if id(n) not in folded]
-    del g.node[:]
-    g.node.extend(keep)
+    set_nodes(g, [n for n in g.node if id(n) not in folded], new_inits)
     kept_inputs = [i for i in g.input if i.name not in weights]
     del g.input[:]
     g.input.extend(kept_inputs)
-    g.initializer.extend(new_inits)
     if not writer.bytes_written:
         data.unlink(missing_ok=True)
     out_file.write_bytes(m.SerializeToString())

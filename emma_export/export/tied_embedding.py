@@ -31,6 +31,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from .external_data import is_external, load_graph, location, save_graph, set_external
+from .graph_edit import set_nodes
 
 TIED_FILE = "tied_embedding.data"
 _TRANSPOSE = "/lm_head/tied_embedding/Transpose"
@@ -61,12 +62,7 @@ def untie(m: onnx.ModelProto) -> int:
             continue
         keep.append(node)
     if n:
-        del g.node[:]
-        g.node.extend(keep)
-        used = {i for nd in g.node for i in nd.input}
-        live = [i for i in g.initializer if i.name in used]
-        del g.initializer[:]
-        g.initializer.extend(live)
+        set_nodes(g, keep)
     return n
 
 

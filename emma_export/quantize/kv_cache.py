@@ -36,6 +36,8 @@ from emma_runtime import names
 from emma_runtime.bundle import MANIFEST, Bundle, KVCacheInfo, sha256_file
 from emma_runtime.kv_cache import FLOAT8
 
+from ..export.graph_edit import set_nodes
+
 #: ``--kv-cache`` choices; ``auto`` keeps what the export wrote (float32 KV IO)
 KV_CACHE_CHOICES = ("auto", "fp32", "fp16", "int8", "fp8")
 EIGHT_BIT = ("int8", "fp8")
@@ -229,13 +231,7 @@ def _rewrite_gqa(m: onnx.ModelProto, nodes, layers: int, scales: Scales) -> None
     if done != set(range(layers)):
         raise ValueError(f"the gqa graph has GroupQueryAttention for layers {sorted(done)}, not all {layers}")
     gone = {id(n) for n in drop}
-    keep = [n for n in g.node if id(n) not in gone]
-    del g.node[:]
-    g.node.extend(keep)
-    used = {x for n in g.node for x in n.input}
-    live = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(live)
+    set_nodes(g, [n for n in g.node if id(n) not in gone])
 
 
 def graph_scales(m: onnx.ModelProto, layers: int) -> dict[str, float]:

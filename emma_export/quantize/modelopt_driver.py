@@ -23,6 +23,7 @@ import onnx
 
 from ..export.external_data import copy_graph, has_external, load_graph, save_graph
 from ..export.gqa import share_rotary_tables
+from ..export.graph_edit import set_nodes
 
 Feed = dict[str, np.ndarray]
 
@@ -272,14 +273,7 @@ def fold_weight_quantizers(path: Path) -> int:
             folded += 1
             continue
         keep.append(node)
-    del g.node[:]
-    g.node.extend(keep)
-    g.initializer.extend(new_inits)
-    # Drop the float weights nothing reads any more.
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    live = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(live)
+    set_nodes(g, keep, new_inits)  # the float weights nothing reads any more go
     save_graph(m, path)
     return folded
 
