@@ -3,7 +3,7 @@ parameters, 14.5 GB at fp32).
 
 The TorchScript exporter holds the module's weights, its constant-folded copies (every Linear's
 transposed weight) and the serialized initializers at once: measured 3.5 GB of peak RSS for 0.8 GB
-of weights (two emma-4b layers), so about 45 GB for one emma-4b backbone. Here the weights never
+of weights (two emma-4b layers), so about 60 GB for one emma-4b backbone. Here the weights never
 enter the trace: the module stays on the meta device and each weight is a graph INPUT whose example
 value is a stride-0 stand-in (no memory). After tracing, every weight input becomes an initializer,
 read one tensor at a time from the weight source (seeded init or checkpoint), passed through the
