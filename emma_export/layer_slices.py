@@ -121,7 +121,7 @@ class SlicedGraph:
         self.types = _value_types(self.proto)
         self._inits = {t.name: t for t in self.proto.graph.initializer}
 
-    def _vi(self, name: str) -> onnx.ValueInfoProto:
+    def value_info(self, name: str) -> onnx.ValueInfoProto:
         t = self.types.get(name)
         if t is None:
             raise SliceError(f"{self.path.name}: no type for tensor '{name}' (shape inference did not reach it)")
@@ -142,8 +142,8 @@ class SlicedGraph:
                 t.data_location = onnx.TensorProto.DEFAULT
                 del t.external_data[:]
             inits.append(t)
-        g = helper.make_graph(list(s.nodes), f"{self.proto.graph.name}.{s.name}", [self._vi(i) for i in s.inputs],
-                              [self._vi(o) for o in s.outputs], inits)
+        g = helper.make_graph(list(s.nodes), f"{self.proto.graph.name}.{s.name}", [self.value_info(i) for i in s.inputs],
+                              [self.value_info(o) for o in s.outputs], inits)
         m = helper.make_model(g, opset_imports=self.proto.opset_import, ir_version=self.proto.ir_version)
         return m
 
@@ -152,11 +152,12 @@ class SlicedGraph:
 class SliceRunner:
     """Runs a graph's feeds through its slices in order, one slice's session alive at a time.
     ``on_slice(slice, model, inputs)``, if given, sees each slice's standalone model and its input
-    values per feed before it runs (calibration)."""
+    values per feed before it runs (calibration); when it returns the slice's outputs per feed (it
+    ran the slice itself), the runner takes those instead of running it again."""
 
     graph: SlicedGraph
     session: Callable[[bytes], object]  # serialized model -> an ONNX Runtime session
-    on_slice: Callable[[Slice, onnx.ModelProto, list[Feed]], None] | None = None
+    on_slice: Callable[[Slice, onnx.ModelProto, list[Feed]], list[Feed] | None] | None = None
 
     def run(self, feeds: list[Feed], progress: Callable[[str], None] | None = None) -> list[Feed]:
         slices = self.graph.slices
@@ -171,13 +172,14 @@ class SliceRunner:
                 progress(f"{self.graph.path.name}: slice {s.name} ({k + 1}/{len(slices)})")
             m = self.graph.model(s)
             ins = [{i: e[i] for i in s.inputs} for e in env]
-            if self.on_slice:
-                self.on_slice(s, m, ins)
-            sess = self.session(m.SerializeToString())
-            del m
-            for e, x in zip(env, ins):
-                e.update(zip(s.outputs, sess.run(s.outputs, x)))
-            del sess
+            got = self.on_slice(s, m, ins) if self.on_slice else None
+            if got is None:
+                sess = self.session(m.SerializeToString())
+                del m
+                got = [dict(zip(s.outputs, sess.run(s.outputs, x))) for x in ins]
+                del sess
+            for e, y in zip(env, got):
+                e.update({o: y[o] for o in s.outputs})
             for e in env:  # what no later slice reads is dropped (graph outputs kept)
                 for name in [n for n in e if last_use.get(n, -1) <= k and n not in outputs and n in last_use]:
                     del e[name]

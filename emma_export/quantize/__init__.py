@@ -81,14 +81,20 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
     if mode == "int8" and p.reduce_range:  # the cpu target (ONNX Runtime's integer kernels)
         details["uint8_activations"] = modelopt_driver.activations_to_uint8(dst)
     if mode == "int4" and p.high_precision == "fp16":
-        from ..export.external_data import load_graph, save_graph
-
-        tmp = dst.with_suffix(".fp16.onnx")
-        fp16.convert_fp16(dst, tmp, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",))
-        save_graph(load_graph(tmp), dst)  # under dst's own name, its data file named for it
-        tmp.unlink()
-        (tmp.parent / (tmp.name + ".data")).unlink(missing_ok=True)
+        int4_rest_fp16(dst)
     return details
+
+
+def int4_rest_fp16(path: Path) -> None:
+    """An INT4 weight-only graph's float part to fp16 (a GPU target), in place."""
+    from . import fp16
+    from ..export.external_data import load_graph, save_graph
+
+    tmp = path.with_suffix(".fp16.onnx")
+    fp16.convert_fp16(path, tmp, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",))
+    save_graph(load_graph(tmp), path)  # under its own name, its data file named for it
+    tmp.unlink()
+    (tmp.parent / (tmp.name + ".data")).unlink(missing_ok=True)
 
 
 def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[str, list[Feed]] | None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,40 +37,116 @@ def _cpu_session(model_bytes: bytes):
     return ort.InferenceSession(model_bytes, so, providers=["CPUExecutionProvider"])
 
 
-def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_samples: int = 64, progress=None) -> dict:
+def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_samples: int = 64, progress=None,
+                      replay: bool = True) -> dict:
     """``apply_plan`` for a large graph, layer by layer. Returns the details of every slice merged
-    (counts added up) plus how many slices there were."""
+    (counts added up) plus how many slices there were. ``replay``: Model Optimizer on two layers of
+    each structure, the rest replayed from them (``replay.py``) where its rules hold."""
     from . import apply_plan, calibrate
+    from . import replay as rp
 
     src, dst = Path(src), Path(dst)
     sg = SlicedGraph(src)
     chosen = calibrate.select(feeds, calib_samples) if feeds else None
     details: dict = {"slices": len(sg.slices)}
+    replayer = rp.Replayer() if replay and p.method.startswith("modelopt-") and chosen else None
+    # INT4 is replayed before its float part goes to fp16: the converter's casts around shared
+    # constants differ from one layer to the next, the quantizer's rules do not
+    fp16_after = replayer is not None and p.method == "modelopt-int4" and p.high_precision == "fp16"
+    q_plan = replace(p, high_precision="fp32") if fp16_after else p
     with tempfile.TemporaryDirectory(prefix=".slices-", dir=dst.parent) as td:
         parts: list[tuple[Slice, Path]] = []
 
-        def quantize(s: Slice, model: onnx.ModelProto, ins: list[Feed] | None) -> None:
+        def modelopt(s: Slice, model: onnx.ModelProto, ins: list[Feed] | None) -> Path:
             a, b = Path(td) / f"{s.name}.src.onnx", Path(td) / f"{s.name}.onnx"
             # inline below the protobuf limit (save_graph would otherwise move the weights of the
             # very model the runner is about to run out to a file)
             if external_data.inline_bytes(model) > external_data.DEFAULT_THRESHOLD:
                 model = _copy(model)
             external_data.save_graph(model, a, limit=external_data.DEFAULT_THRESHOLD)
-            d = apply_plan(p, a, b, ins, calib_samples=len(ins) if ins else calib_samples, sliced=False)
+            d = apply_plan(q_plan, a, b, ins, calib_samples=len(ins) if ins else calib_samples, sliced=False)
             for k, v in d.items():
                 details[k] = details.get(k, 0) + v if isinstance(v, (int, float)) and not isinstance(v, bool) else v
             for f in [a] + [a.parent / r for r in external_data.referenced_files(external_data.refs_only(a))]:
                 f.unlink(missing_ok=True)
             parts.append((s, b))
+            return b
+
+        def run(s: Slice, model: onnx.ModelProto, ins: list[Feed], extra: list[str]) -> list[Feed]:
+            """The slice's outputs and ``extra`` tensors per feed (one session, the model not copied)."""
+            n = len(model.graph.output)
+            model.graph.output.extend(sg.value_info(x) for x in extra if x not in s.outputs)
+            try:
+                sess = _cpu_session(model.SerializeToString())
+            finally:
+                del model.graph.output[n:]
+            names = list(dict.fromkeys(s.outputs + extra))
+            return [dict(zip(names, sess.run(names, x))) for x in ins]
+
+        def quantize(s: Slice, model: onnx.ModelProto, ins: list[Feed] | None):
+            k = rp.layer_index(s.name)
+            if replayer is None or k is None:
+                modelopt(s, model, ins)
+                return None
+            sig, ids, nodes = rp.canonical(model)
+            st = replayer.states.get(sig)
+            if isinstance(st, rp.Template) and st.confirmed:
+                names = rp.Renamer(st, ids, nodes, k)
+                acts = st.activations_for(ids)
+                outs = run(s, model, ins, acts)
+                values = rp.make_values(st, rp.weights_of(model), rp.amax_of(outs, acts), names)
+                b = Path(td) / f"{s.name}.onnx"
+                external_data.save_graph(rp.replay(st, names, values), b, limit=external_data.DEFAULT_THRESHOLD)
+                parts.append((s, b))
+                replayer.replayed += 1
+                return outs
+            b = modelopt(s, model, ins)
+            replayer.modelopt += 1
+            if isinstance(st, str):
+                return None
+            q = onnx.load(str(b))
+            outs = None
+            try:
+                if st is None:  # the template: its rules must give back its own values
+                    tpl = rp.derive(model, q, k)
+                    outs = run(s, model, ins, tpl.activations)
+                    w, a = rp.weights_of(model), rp.amax_of(outs, tpl.activations)
+                    rp.fit(tpl, w, a)
+                    names = rp.Renamer(tpl, ids, nodes, k)
+                    rp.check(tpl, names, rp.replay(tpl, names, rp.make_values(tpl, w, a, names)), q, f"{s.name} (template)")
+                    rp.strip(tpl)
+                    replayer.states[sig] = tpl
+                else:  # the confirmation: the replay must give what Model Optimizer gave this layer
+                    names = rp.Renamer(st, ids, nodes, k)
+                    acts = st.activations_for(ids)
+                    outs = run(s, model, ins, acts)
+                    values = rp.make_values(st, rp.weights_of(model), rp.amax_of(outs, acts), names)
+                    rp.check(st, names, rp.replay(st, names, values), q, f"{s.name} replayed from layers.{st.layer}")
+                    st.confirmed = True
+            except rp.NotReplayable as e:
+                replayer.states[sig] = str(e)
+                if progress:
+                    progress(f"{src.name}: no replay for slices shaped like {s.name}: {e}")
+            return outs
 
         if chosen:
             SliceRunner(sg, _cpu_session, on_slice=quantize).run(chosen, progress=progress)
+            if fp16_after:
+                from . import int4_rest_fp16
+
+                for s, b in parts:
+                    int4_rest_fp16(b)
         else:
             for s in sg.slices:
                 if progress:
                     progress(f"{src.name}: slice {s.name}")
                 quantize(s, sg.model(s), None)
         stitch(sg, parts, dst)
+    if replayer is not None:
+        details["replayed_slices"] = replayer.replayed
+        details["modelopt_layer_slices"] = replayer.modelopt
+        if replayer.reasons():
+            details["replay_off"] = "; ".join(replayer.reasons())
     return details
 
 

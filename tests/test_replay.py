@@ -1,0 +1,119 @@
+"""Model Optimizer on two layers of each structure, the rest replayed (issue 23: an hour per emma-4b
+backbone at fp8 otherwise). The replay must give the bytes Model Optimizer gives, refuse what its
+rules do not cover (AWQ's clip search), and its checks must catch a replay that is wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+import pytest
+
+from emma_export.components import get_component
+from emma_export.export.onnx_export import export_component
+from emma_export.export.source import WeightSource
+
+pytest.importorskip("modelopt.onnx.quantization")
+
+
+@pytest.fixture(scope="module")
+def backbone(tmp_path_factory, tiny_cfg):
+    """tiny's Und backbone (standard attention) with 6 layers: layer 0 is shaped apart (it makes the
+    mask the others read), 1 is the template, 2 confirms it, 3-5 are replayed."""
+    cfg = dataclasses.replace(tiny_cfg, llm=dataclasses.replace(tiny_cfg.llm, shared_layers=3, decoupled_layers=3))
+    comp = get_component(cfg, "backbone_und", "standard")
+    path = tmp_path_factory.mktemp("replay") / "backbone_und.onnx"
+    export_component(comp, cfg, WeightSource(cfg, 0), path)
+    dims = comp.verify_dims(cfg)
+    feeds = [comp.sample_inputs(cfg, dims[i % len(dims)], np.random.default_rng(i)) for i in range(4)]
+    return cfg, path, feeds
+
+
+def _quantize(backbone, tmp_path, precision, method="", replay=True, label="q"):
+    from emma_export.quantize.policy import plan
+    from emma_export.quantize.sliced import apply_plan_sliced
+
+    cfg, src, feeds = backbone
+    p = plan("backbone_und", precision, True, cfg)
+    if method:
+        p = dataclasses.replace(p, calibration_method=method)
+    dst = tmp_path / label / "g.onnx"
+    dst.parent.mkdir()
+    return dst, apply_plan_sliced(p, src, dst, feeds, len(feeds), replay=replay)
+
+
+def _same_graph(a, b) -> list[str]:
+    """What differs between two graph files: nodes (in any order) and initializer bytes."""
+    ma, mb = onnx.load(str(a)), onnx.load(str(b))
+    key = lambda m: sorted((n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in m.graph.node)
+    out = [] if key(ma) == key(mb) else ["nodes"]
+    ib = {t.name: (t.data_type, tuple(t.dims), t.raw_data) for t in mb.graph.initializer}
+    out += [t.name for t in ma.graph.initializer if ib.get(t.name) != (t.data_type, tuple(t.dims), t.raw_data)]
+    if len(ma.graph.initializer) != len(mb.graph.initializer):
+        out.append("initializer count")
+    return out
+
+
+@pytest.mark.parametrize("precision,method", [("fp8", ""), ("int4w", "rtn_dq")])
+def test_replay_gives_model_optimizers_bytes(backbone, tmp_path, precision, method):
+    replayed, d = _quantize(backbone, tmp_path, precision, method, label="replay")
+    assert d["replayed_slices"] == 3 and d["modelopt_layer_slices"] == 3 and "replay_off" not in d, d
+    every, _ = _quantize(backbone, tmp_path, precision, method, replay=False, label="modelopt")
+    assert _same_graph(replayed, every) == []
+
+
+def test_awq_clip_is_not_replayed(backbone, tmp_path):
+    """AWQ's clip search picks each block's scale: no amax rule gives it back, so every layer goes
+    through Model Optimizer and the reason is recorded."""
+    _, d = _quantize(backbone, tmp_path, "int4w", "awq_clip")
+    assert d["replayed_slices"] == 0 and d["modelopt_layer_slices"] == 6
+    assert "INT4 scales follow no amax rule" in d["replay_off"]
+
+
+def test_a_wrong_replay_is_caught_and_not_used(backbone, tmp_path, monkeypatch):
+    """A replay that is wrong in one weight (the layer's own tensor read off by one value) fails the
+    check against Model Optimizer's result for the second layer: nothing is replayed, and the graph is
+    Model Optimizer's throughout."""
+    from emma_export.quantize import replay as rp
+
+    real = rp.make_values
+
+    def off_by_one(tpl, weights, amax, names):
+        if names is not None and names.k != tpl.layer:  # a replay onto another layer
+            name = next(n for n, r in tpl.rules.items() if r.kind == "copy")
+            src = names.tensor(tpl.rules[name].src)
+            weights = dict(weights)
+            weights[src] = weights[src].copy()
+            weights[src].flat[0] += 1.0
+        return real(tpl, weights, amax, names)
+
+    monkeypatch.setattr(rp, "make_values", off_by_one)
+    got, d = _quantize(backbone, tmp_path, "fp8", label="bad")
+    assert d["replayed_slices"] == 0 and "replayed from layers.1" in d["replay_off"], d
+    monkeypatch.setattr(rp, "make_values", real)
+    every, _ = _quantize(backbone, tmp_path, "fp8", replay=False, label="modelopt")
+    assert _same_graph(got, every) == []
+
+
+def test_a_wrong_scale_rule_is_refused_on_the_template(backbone, tmp_path, monkeypatch):
+    """Scales 1% off the rule Model Optimizer used: the template's own values do not come back."""
+    from emma_export.quantize import replay as rp
+
+    def bend(f):
+        return lambda a, dt: f(a * np.float32(1.01), dt)
+
+    bent = {qt: {k: bend(f) for k, f in rules.items()} for qt, rules in rp._DIVISORS.items()}
+    monkeypatch.setattr(rp, "_DIVISORS", bent)
+    _, d = _quantize(backbone, tmp_path, "fp8")
+    assert d["replayed_slices"] == 0 and "scales follow no amax rule" in d["replay_off"], d
+
+
+def test_layers_of_one_structure_share_a_canonical_form(backbone):
+    from emma_export.layer_slices import SlicedGraph
+    from emma_export.quantize.replay import canonical
+
+    sg = SlicedGraph(backbone[1])
+    sigs = {s.name: canonical(sg.model(s, with_weights=False))[0] for s in sg.slices if s.name.startswith("layers.")}
+    assert len({sigs[f"layers.{i}"] for i in range(1, 6)}) == 1
+    assert sigs["layers.0"] != sigs["layers.1"]
