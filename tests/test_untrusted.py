@@ -565,3 +565,28 @@ def test_a_build_whose_task_figures_collapse_fails():
     broken = {"runtime": {"generation": 0.0}, "fp32_reference": {"generation": 0.978}, "change_vs_fp32": {"generation": -97.8}}
     assert _collapsed(ok) == []
     assert "the bundle is broken" in _collapsed(broken)[0]
+
+
+def test_checking_a_bundle_hashes_in_chunks_and_still_catches_a_flipped_byte(tmp_path, bundle, monkeypatch):
+    """``Bundle.load`` hashes every file without holding it (an emma-4b backbone's data file is 14.5 GB:
+    read whole, the build after export was killed at 24 GB), and a changed byte still fails the load."""
+    from emma_runtime import bundle as bmod
+
+    real = bmod.read_regular
+
+    def whole(path, *a, **k):
+        if Path(path).name != bmod.MANIFEST:
+            pytest.fail(f"the checksum of {path} read the whole file")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(bmod, "read_regular", whole)
+    bmod.Bundle.load(bundle)
+    monkeypatch.undo()
+    bad = tmp_path / "bad"
+    shutil.copytree(bundle, bad)
+    g = bad / "gen_head.onnx"
+    data = bytearray(g.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    g.write_bytes(bytes(data))
+    with pytest.raises(bmod.BundleError, match="sha256 mismatch"):
+        bmod.Bundle.load(bad)
