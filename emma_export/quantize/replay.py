@@ -63,6 +63,18 @@ class Rule:
     block: int = 0
 
 
+def _attrs(n: onnx.NodeProto) -> tuple[bytes, ...]:
+    """A node's attributes as comparable bytes (a Constant's tensor without its name)."""
+    out = []
+    for a in n.attribute:
+        c = onnx.AttributeProto()
+        c.CopyFrom(a)
+        if c.HasField("t"):
+            c.t.name = ""
+        out.append(c.SerializeToString())
+    return tuple(sorted(out))
+
+
 def canonical(m: onnx.ModelProto) -> tuple[tuple, dict[str, int], list[str]]:
     """The slice's structure with every tensor named by its order of appearance: two layers with
     the same canonical form differ only in names and initializer values."""
@@ -76,14 +88,7 @@ def canonical(m: onnx.ModelProto) -> tuple[tuple, dict[str, int], list[str]]:
     g = m.graph
     sig: list = [tuple(cid(i.name) for i in g.input)]
     for n in g.node:
-        attrs = []
-        for a in n.attribute:
-            c = onnx.AttributeProto()
-            c.CopyFrom(a)
-            if c.HasField("t"):
-                c.t.name = ""
-            attrs.append(c.SerializeToString())
-        sig.append((n.op_type, n.domain, tuple(sorted(attrs)), tuple(cid(i) for i in n.input), tuple(cid(o) for o in n.output)))
+        sig.append((n.op_type, n.domain, _attrs(n), tuple(cid(i) for i in n.input), tuple(cid(o) for o in n.output)))
     sig.append(tuple(cid(o.name) for o in g.output))
     sig.append(tuple(sorted((ids[t.name], t.data_type, tuple(t.dims)) for t in g.initializer if t.name in ids)))
     return tuple(sig), ids, [n.name for n in g.node]
@@ -404,14 +409,7 @@ def _close(kind: str, got: TensorProto, want: TensorProto) -> str | None:
 
 
 def _node_key(n: onnx.NodeProto) -> tuple:
-    attrs = []
-    for a in n.attribute:
-        c = onnx.AttributeProto()
-        c.CopyFrom(a)
-        if c.HasField("t"):
-            c.t.name = ""
-        attrs.append(c.SerializeToString())
-    return n.op_type, n.domain, tuple(n.input), tuple(n.output), tuple(sorted(attrs))
+    return n.op_type, n.domain, tuple(n.input), tuple(n.output), _attrs(n)
 
 
 def check(tpl: Template, names: Renamer, got: onnx.ModelProto, reference: onnx.ModelProto, what: str) -> None:

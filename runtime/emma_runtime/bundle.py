@@ -505,10 +505,12 @@ class Bundle:
         except UnsafePathError as e:
             raise BundleError(str(e)) from None
         self.opened.append(p)
-        got = sha256_bytes(data)
-        if got != sha256:
-            raise BundleError(f"{self.root / file}: sha256 mismatch (manifest {sha256[:12]}..., file {got[:12]}...): corrupt or tampered")
+        self._check_digest(file, sha256, sha256_bytes(data))
         return data
+
+    def _check_digest(self, file: str, want: str, got: str) -> None:
+        if got != want:
+            raise BundleError(f"{self.root / file}: sha256 mismatch (manifest {want[:12]}..., file {got[:12]}...): corrupt or tampered")
 
     def graph(self, component: str) -> Graph:
         info = self.manifest.components[component]
@@ -583,5 +585,4 @@ class Bundle:
             except UnsafePathError as e:
                 raise BundleError(str(e)) from None
             self.opened.append(p)
-            if got != digest:
-                raise BundleError(f"{self.root / file}: sha256 mismatch (manifest {digest[:12]}..., file {got[:12]}...): corrupt or tampered")
+            self._check_digest(file, digest, got)

@@ -9,6 +9,7 @@ uses: nothing can change between the check and the use.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -56,10 +57,10 @@ def confined(root: Path, name: object, what: str, max_bytes: int | None = None) 
     return real
 
 
-def read_regular(path: Path, what: str, max_bytes: int | None = None) -> bytearray:
-    """The bytes of a regular file, through one descriptor checked before reading (O_NONBLOCK: opening a
-    FIFO swapped in after a check must not block). A bytearray, not bytes: no second copy of a large
-    weight file."""
+@contextlib.contextmanager
+def _regular_fd(path: Path, what: str, max_bytes: int | None):
+    """One descriptor on ``path``, checked to be a regular file within ``max_bytes`` before anything is
+    read (O_NONBLOCK: opening a FIFO swapped in after a check must not block); yields (fd, size)."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
     try:
         fd = os.open(path, flags)
@@ -71,7 +72,16 @@ def read_regular(path: Path, what: str, max_bytes: int | None = None) -> bytearr
             raise UnsafePathError(f"{path}: not a regular file ({what})")
         if max_bytes is not None and st.st_size > max_bytes:
             raise UnsafePathError(f"{path}: {st.st_size} bytes, more than the limit of {max_bytes} ({what})")
-        buf = bytearray(st.st_size)
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def read_regular(path: Path, what: str, max_bytes: int | None = None) -> bytearray:
+    """The bytes of a regular file, through one checked descriptor. A bytearray, not bytes: no second
+    copy of a large weight file."""
+    with _regular_fd(path, what, max_bytes) as (fd, size):
+        buf = bytearray(size)
         view, got = memoryview(buf), 0
         while got < len(buf):
             n = os.readv(fd, [view[got:]])
@@ -81,36 +91,22 @@ def read_regular(path: Path, what: str, max_bytes: int | None = None) -> bytearr
         if os.read(fd, 1):
             raise UnsafePathError(f"{path}: grew while being read ({what})")
         return buf
-    finally:
-        os.close(fd)
 
 
 def sha256_regular(path: Path, what: str, max_bytes: int | None = None, chunk: int = 1 << 24) -> str:
-    """The sha256 of a regular file, read through one checked descriptor (as ``read_regular``) in
-    chunks: checking a bundle must not hold its largest file (an emma-4b backbone's 14.5 GB of weights)
-    in memory. For bytes that will be used, ``read_regular`` and hash those."""
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
-    try:
-        fd = os.open(path, flags)
-    except OSError as e:
-        raise UnsafePathError(f"{path}: cannot open ({what}): {e.strerror}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnsafePathError(f"{path}: not a regular file ({what})")
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise UnsafePathError(f"{path}: {st.st_size} bytes, more than the limit of {max_bytes} ({what})")
+    """The sha256 of a regular file, read through one checked descriptor in chunks: checking a bundle
+    must not hold its largest file (an emma-4b backbone's 14.5 GB of weights) in memory. For bytes that
+    will be used, ``read_regular`` and hash those."""
+    with _regular_fd(path, what, max_bytes) as (fd, size):
         h, got = hashlib.sha256(), 0
         while block := os.read(fd, chunk):
             h.update(block)
             got += len(block)
-            if got > st.st_size:
+            if got > size:
                 raise UnsafePathError(f"{path}: grew while being read ({what})")
-        if got < st.st_size:
+        if got < size:
             raise UnsafePathError(f"{path}: shrank while being read ({what})")
         return h.hexdigest()
-    finally:
-        os.close(fd)
 
 
 def sha256_bytes(data) -> str:
