@@ -9,6 +9,7 @@ without FP8 tensor cores stops with one line naming what to use instead.
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import shutil
@@ -333,6 +334,14 @@ class _Reference:
             self.model = reference_model(bundle, self.checkpoint)
         return self.model
 
+    def drop_if_streamed(self) -> None:
+        """A layer-streamed reference (emma-4b: 5 GB resident) is let go between calibration and verify:
+        quantization needs the memory (the emma-4b fp8 build reached 20.8 GB quantizing the autoencoder
+        with it held), and making it again costs about 20 s."""
+        if self.model is not None and any(p.is_meta for p in self.model.parameters()):
+            self.model = None
+            gc.collect()
+
 
 def stage_export(req: BuildRequest, t, work: Path):
     """The fp32 bundle to start from: exported now, or a copy of the given one (checked first)."""
@@ -508,8 +517,10 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
         # fp16 needs feeds too: its overflow check runs real inputs; an 8-bit KV cache its scales
         needs_feeds = req.precision in QUANTIZED or req.precision == "fp16" or req.kv_cache in ("int8", "fp8")
         feeds = timed("calibrate", stage_calibrate, req, bundle, ref, echo) if needs_feeds else None
+        ref.drop_if_streamed()
         details = timed("quantize", stage_quantize, req, t, work, feeds, echo)
         kv_cache = timed("kv_cache", stage_kv_cache, req, work, feeds, echo)
+        feeds = None  # nothing after this reads them: the engine builder and verify want the memory
         engine_state = timed("engines", _engines, work, t, echo) if req.engines else {}
         verdict = stage_verify(req, t, work, ref, echo, seconds)
         bundle = Bundle.load(work, check_files=False)

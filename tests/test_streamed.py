@@ -202,3 +202,21 @@ def test_sliced_fp16_keeps_each_slices_constants_apart(tmp_path, tiny_cfg, sourc
     for a, b in zip(_run_whole(whole, feeds), _run_whole(sliced, feeds)):
         for k in a:
             assert rel_l2(b[k], a[k]) < 1e-3, k
+
+
+def test_the_build_lets_a_streamed_reference_go_before_quantizing(tiny_cfg, monkeypatch, tiny_bundle):
+    """A layer-streamed reference (emma-4b: 5 GB resident) is dropped between calibration and verify
+    (the emma-4b fp8 build reached 20.8 GB quantizing the autoencoder with it held); a whole one stays."""
+    from emma_runtime.bundle import Bundle
+
+    from emma_export.build import _Reference
+
+    ref = _Reference(None)
+    ref.get(Bundle.load(tiny_bundle))
+    ref.drop_if_streamed()
+    assert ref.model is not None
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    ref = _Reference(None)
+    ref.get(Bundle.load(tiny_bundle))
+    ref.drop_if_streamed()
+    assert ref.model is None
