@@ -211,6 +211,7 @@ def test_the_build_lets_a_streamed_reference_go_before_quantizing(tiny_cfg, monk
 
     from emma_export.build import _Reference
 
+    monkeypatch.setenv("EMMA_STREAM_BYTES", str(10**12))  # a module fixture may have set it to 0
     ref = _Reference(None)
     ref.get(Bundle.load(tiny_bundle))
     ref.drop_if_streamed()
@@ -220,3 +221,22 @@ def test_the_build_lets_a_streamed_reference_go_before_quantizing(tiny_cfg, monk
     ref.get(Bundle.load(tiny_bundle))
     ref.drop_if_streamed()
     assert ref.model is None
+
+
+def test_a_graph_past_the_quantization_threshold_is_quantized_layer_by_layer(tmp_path, tiny_cfg, source, monkeypatch):
+    """Below EMMA_STREAM_BYTES (exported and run whole) but past EMMA_SLICE_QUANTIZE_BYTES (emma-4b's
+    1.48 GB vision trunk, whose whole-graph Model Optimizer run was killed at 24.4 GB): sliced."""
+    from emma_export.quantize import apply_plan
+    from emma_export.quantize.policy import plan
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", str(10**12))  # a module fixture may have set it to 0
+    comp = get_component(tiny_cfg, "und_trunk")
+    src = tmp_path / "trunk.onnx"
+    export_component(comp, tiny_cfg, source, src)
+    feeds = [comp.sample_inputs(tiny_cfg, d, np.random.default_rng(i)) for i, d in enumerate(comp.verify_dims(tiny_cfg))]
+    p = plan("und_trunk", "fp16", True, tiny_cfg)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    assert "slices" not in apply_plan(p, src, tmp_path / "a" / "g.onnx", feeds, 8)
+    monkeypatch.setenv("EMMA_SLICE_QUANTIZE_BYTES", "1000")
+    assert apply_plan(p, src, tmp_path / "b" / "g.onnx", feeds, 8)["slices"] == len(SlicedGraph(src).slices) > 2

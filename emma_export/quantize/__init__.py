@@ -38,7 +38,8 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
                sliced: bool | None = None) -> dict:
     """Writes the component graph ``dst`` from the fp32 graph ``src`` as ``p`` says. Returns details.
     ``sliced``: one decoder layer at a time (``sliced.py``); None: when the graph's weights are past
-    the streaming threshold (``EMMA_STREAM_BYTES``, the emma-4b backbones)."""
+    ``sliced.threshold()`` (1e9 bytes, or ``EMMA_STREAM_BYTES`` if lower: emma-4b's backbones and its
+    vision trunk)."""
     from . import calibrate, fp16, modelopt_driver
 
     from ..export.external_data import copy_graph
@@ -49,8 +50,8 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
             copy_graph(src, dst)
         return {}
     if sliced is None:
-        from ..export.streamed_export import threshold
         from ..export.external_data import graph_weight_bytes
+        from .sliced import threshold
 
         sliced = graph_weight_bytes(src) > threshold()
     if sliced:

@@ -122,9 +122,9 @@ class Plan:
 
 
 def _streamed_backbone(cfg) -> bool:
-    """Whether a backbone's fp32 weights pass ``EMMA_STREAM_BYTES`` (it is then quantized layer by
-    layer): one branch's projections and MLP per layer, as the export holds them."""
-    from ..export.streamed_export import threshold
+    """Whether a backbone's fp32 weights pass the threshold past which it is quantized layer by layer
+    (``sliced.threshold()``): one branch's projections and MLP per layer, as the export holds them."""
+    from .sliced import threshold
 
     l = cfg.llm
     q, kv = l.num_attention_heads * l.head_dim, l.num_key_value_heads * l.head_dim

@@ -26,6 +26,20 @@ from ..layer_slices import Slice, SlicedGraph, SliceRunner, layer_of
 
 _LAYER_SCOPE = re.compile(r"^(.*?/layers\.\d+/)")
 
+# Model Optimizer on a whole graph holds the graph, an augmented copy that outputs every tensor, an
+# ONNX Runtime session of it and every tensor's calibration values: the emma-4b fp8 build was killed at
+# 24.4 GB quantizing the 1.48 GB vision trunk whole. Past this many bytes of fp32 weights a graph is
+# quantized layer by layer even when it is exported and run whole (below EMMA_STREAM_BYTES).
+ENV = "EMMA_SLICE_QUANTIZE_BYTES"
+DEFAULT_THRESHOLD = 1_000_000_000
+
+
+def threshold() -> int:
+    from ..export.external_data import bytes_from_env
+    from ..export.streamed_export import threshold as stream_threshold
+
+    return min(bytes_from_env(ENV, DEFAULT_THRESHOLD), stream_threshold())
+
 Feed = dict[str, np.ndarray]
 
 
