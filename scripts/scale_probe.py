@@ -35,6 +35,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--precision", choices=["fp8", "int4w"], required=True)
     ap.add_argument("--base", default="emma-4b", help="the config whose widths to take")
+    ap.add_argument("--component", default="backbone_und", choices=["backbone_und", "und_trunk"],
+                    help="und_trunk: the vision trunk with all its layers (quantized layer by layer past EMMA_SLICE_QUANTIZE_BYTES)")
     ap.add_argument("--shared", type=int, default=4, help="shared-Q/K layers (emma-4b: 18)")
     ap.add_argument("--decoupled", type=int, default=3, help="decoupled layers (emma-4b: 18)")
     ap.add_argument("--int4-method", default="", help="Model Optimizer's INT4 method (default: the policy's)")
@@ -56,11 +58,13 @@ def main() -> int:
 
     base = get_config(args.base)
     cfg = dataclasses.replace(base, llm=dataclasses.replace(base.llm, shared_layers=args.shared, decoupled_layers=args.decoupled))
-    comp = get_component(cfg, "backbone_und", "standard")
-    out = args.out / f"{args.base}-{args.shared}+{args.decoupled}"
+    comp = get_component(cfg, args.component, "standard")
+    out = args.out / (f"{args.base}-{args.shared}+{args.decoupled}" if args.component == "backbone_und" else f"{args.base}-{args.component}")
     out.mkdir(parents=True, exist_ok=True)
-    rep: dict = {"config": f"{args.base} widths, {args.shared} shared + {args.decoupled} decoupled layers", "precision": args.precision}
-    fp32 = out / "backbone_und.onnx"
+    what = (f"{args.shared} shared + {args.decoupled} decoupled layers" if args.component == "backbone_und"
+            else f"the vision trunk, {cfg.vision.trunk_layers} layers")
+    rep: dict = {"config": f"{args.base} widths, {what}", "component": args.component, "precision": args.precision}
+    fp32 = out / f"{args.component}.onnx"
     t = time.perf_counter()
     if not fp32.exists():
         export_component(comp, cfg, WeightSource(cfg, 0), fp32)
@@ -68,12 +72,12 @@ def main() -> int:
     dims = comp.verify_dims(cfg)
     feeds = [comp.sample_inputs(cfg, dims[i % len(dims)], np.random.default_rng(i)) for i in range(args.calib + 2)]
     calib, held = feeds[: args.calib], feeds[args.calib:]
-    p = plan("backbone_und", args.precision, True, cfg)
+    p = plan(args.component, args.precision, True, cfg)
     if args.int4_method:
         p = dataclasses.replace(p, calibration_method=args.int4_method)
     rep["plan"] = p.describe()
     label = f"{args.precision}{'-' + args.int4_method if args.int4_method else ''}{'-modelopt' if args.no_replay else '-replay'}"
-    q = out / label / "backbone_und.onnx"
+    q = out / label / f"{args.component}.onnx"
     q.parent.mkdir(exist_ok=True)
     slices: list[tuple[str, float]] = []
     last = [time.perf_counter()]
@@ -97,7 +101,8 @@ def main() -> int:
 
     ref = SliceRunner(SlicedGraph(fp32), session).run(held)
     got = SliceRunner(SlicedGraph(q), session).run(held)
-    rep["rel_l2_hidden_states"] = [round(float(rel_l2(g["hidden_states"], r["hidden_states"])), 5) for g, r in zip(got, ref)]
+    first = next(iter(ref[0]))  # the component's first output (hidden_states, features)
+    rep[f"rel_l2_{first}"] = [round(float(rel_l2(g[first], r[first])), 5) for g, r in zip(got, ref)]
     rep["bytes"] = sum(f.stat().st_size for f in q.parent.iterdir())
     rep["peak_rss_gb"] = round(peak_gb(), 2)
     (out / f"{label}.json").write_text(json.dumps(rep, indent=1))
