@@ -39,6 +39,9 @@ class Row:
     weight_bytes: int = 0
     plan_bytes: int = 0
     size_off: bool = False
+    # a graph verified slice by slice: rel_l2 is its worst layer on the reference's input to that
+    # layer (layer_parity); this is its output's through every layer
+    propagated_rel_l2: float | None = None
 
 
 @dataclass
@@ -478,7 +481,8 @@ def _rows(bundle, verdict: Verdict, engine_state: dict, t, only: tuple[str, ...]
         eng = engine_state.get(name) or engine_state.get("*") or ("n/a (ONNX Runtime)" if not t.is_gpu else "no")
         rows.append(Row(name, info.precision, s.bundle, None if r is None else r.rel_l2, None if r is None else r.tolerance,
                         None if r is None else r.passed, eng, m.precision_policy.get(name, ""),
-                        weight_bytes=s.weights, plan_bytes=s.plan, size_off=s.off))
+                        weight_bytes=s.weights, plan_bytes=s.plan, size_off=s.off,
+                        propagated_rel_l2=None if r is None else r.propagated_rel_l2))
     return rows
 
 
@@ -590,6 +594,10 @@ def print_report(rep: BuildReport) -> None:
     con.print(f"size: bundle = the graph and its data files, weights = the tensors it stores, plan = `emma-export plan`'s weight "
               f"bytes; a component is OFF when its weights differ from plan by > {SIZE_TOLERANCE:.0%} (plan >= {FLOOR_BYTES // 1024} kB; "
               f"below, marked ~, folded and shared constants are more than that)" + (f"; [red]OFF: {', '.join(off)}" if off else ""))
+    for r in rep.rows:
+        if r.propagated_rel_l2 is not None:
+            con.print(f"{r.component}: verified layer by layer; rel L2 is its worst layer on the reference's input to that layer, "
+                      f"its output through every layer {r.propagated_rel_l2:.3g}")
     con.print(f"KV cache: {rep.kv_cache.get('dtype', 'float32 (as exported)')}"
               + (" with per-layer scales from calibration" if rep.kv_cache.get("key_scales") else ""))
     for k, v in rep.e2e.items():

@@ -43,6 +43,10 @@ class ComponentResult:
     precision: str = ""
     feeds: str = "random"  # "random" (verify_dims shapes) or "real" (held-out pipeline feeds)
     note: str = ""
+    # a graph checked slice by slice: rel_l2 is the worst layer on the reference's input to it
+    # (layer_parity); this is the output's through every layer, reported, not the verdict
+    propagated_rel_l2: float | None = None
+    layers: list[dict] = field(default_factory=list)
 
 
 @dataclass
@@ -101,7 +105,7 @@ def _session(bundle: Bundle, component: str):
 
 
 def _runner(bundle: Bundle, component: str, kv=None):
-    """(feeds list -> outputs list per feed, how it ran). A graph past the streaming threshold (an
+    """(feeds list -> outputs list per feed, how it ran, (SlicedGraph, session maker) or None). A graph past the streaming threshold (an
     emma-4b backbone) runs one decoder layer's slice at a time (``layer_slices``): the same
     operators on the same inputs as the whole file, with one layer's weights in memory; its files
     were checked against the manifest's sha256 by ``Bundle.load`` just before."""
@@ -112,7 +116,7 @@ def _runner(bundle: Bundle, component: str, kv=None):
     path = bundle.path(info.file)
     if graph_weight_bytes(path) <= threshold():
         sess = _session(bundle, component)
-        return (lambda feeds: [_run(sess, f, info, kv) for f in feeds]), ""
+        return (lambda feeds: [_run(sess, f, info, kv) for f in feeds]), "", None
     if any(t.dtype == FLOAT8 for t in info.inputs):
         raise NotImplementedError(f"{component}: a graph past the streaming threshold with an fp8 KV cache is not verified slice by slice "
                                   f"(numpy has no fp8 type for the slices' IO); build it with --kv-cache int8")
@@ -131,7 +135,8 @@ def _runner(bundle: Bundle, component: str, kv=None):
 
     names = [o.name for o in info.outputs]
     run = lambda feeds: [[_graph_output(r[n], n, kv) for n in names] for r in SliceRunner(sg, session).run(feeds)]
-    return run, f"run slice by slice ({len(sg.slices)} slices: {sg.slices[0].name} .. {sg.slices[-1].name}), one layer's weights at a time"
+    how = f"run slice by slice ({len(sg.slices)} slices: {sg.slices[0].name} .. {sg.slices[-1].name}), one layer's weights at a time"
+    return run, how, (sg, session)
 
 
 def verify_components(bundle: Bundle, model, names: list[str] | None = None, progress=None,
@@ -147,7 +152,7 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         kv = bundle.manifest.kv_cache if comp.name in BACKBONES else None
         tol = tolerance_for(comp.name, info.precision) + (kv_cache_tolerance(kv.dtype) if kv else 0.0)
         try:
-            run_all, how = _runner(bundle, comp.name, kv)
+            run_all, how, sliced = _runner(bundle, comp.name, kv)
         except Exception as e:  # noqa: BLE001 - only a bf16 graph is allowed not to load on the CPU
             if info.precision != "bf16" or "NOT_IMPLEMENTED" not in str(e):
                 raise
@@ -162,6 +167,11 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         if real:
             real = comp.from_captured(cfg, real)
         cases = real if real else [comp.sample_inputs(cfg, dims, np.random.default_rng(100 + i)) for i, dims in enumerate(comp.verify_dims(cfg))]
+        if sliced is not None and not gqa:
+            out[comp.name] = _verify_layers(comp, cfg, module, info, kv, cases, sliced, tol, how, bool(real))
+            if progress:
+                progress(comp.name)
+            continue
         outs = run_all([{t.name: _graph_input(f[t.name], t, kv) for t in info.inputs} for f in cases])
         for i, (feeds, got) in enumerate(zip(cases, outs)):
             dims = {t.name: list(feeds[t.name].shape) for t in info.inputs} if real else comp.verify_dims(cfg)[i]
@@ -184,6 +194,46 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         if progress:
             progress(comp.name)
     return out
+
+
+def _verify_layers(comp, cfg, module, info, kv, cases: list[dict], sliced, tol: float, how: str, real: bool) -> ComponentResult:
+    """A graph past the streaming threshold, layer by layer (``layer_parity``): the verdict is each
+    layer's output on the reference's input to it; the output through every layer is reported."""
+    from .layer_parity import TeacherForced, reference_with_layers
+    from .layer_slices import SliceRunner
+
+    sg, session = sliced
+    names = [o.name for o in comp.outputs(cfg)]
+    refs, layer_out = [], []
+    for f in cases:
+        r, lo = reference_with_layers(module, [torch.from_numpy(f[s.name]) for s in comp.inputs(cfg)])
+        refs.append(dict(zip(names, r)))
+        layer_out.append(lo)
+    tf = TeacherForced(session, layer_out, refs, lambda n, a: _graph_output(a, n, kv))
+    got = SliceRunner(sg, session, on_slice=tf).run([{t.name: _graph_input(f[t.name], t, kv) for t in info.inputs} for f in cases])
+    worst_abs, prop = 0.0, 0.0
+    for g, r in zip(got, refs):
+        for n in names:
+            a = _graph_output(g[n], n, kv)
+            if a.shape != r[n].shape:
+                raise AssertionError(f"{comp.name}: output '{n}' has shape {a.shape}, reference {r[n].shape}")
+            if r[n].size:
+                worst_abs = max(worst_abs, float(np.abs(a.astype(np.float64) - r[n]).max()))
+                prop = max(prop, rel_l2(a, r[n]))
+    w = tf.worst()
+    if w is None:
+        raise AssertionError(f"{comp.name}: no decoder layer slice was run ({how})")
+    note = (f"{how}; verdict: each of its {len(tf.errors)} layers on the reference's input to it (worst layers.{w.layer}: "
+            f"hidden {w.hidden:.3g}, keys/values {w.kv:.3g}); output through all layers: rel L2 {prop:.3g}")
+    # on stderr as it is found: a sliced check is the longest part of an emma-4b verify, and a build's
+    # report keeps only the verdict's figure
+    import sys
+
+    print(f"verify {comp.name}: {note}", file=sys.stderr, flush=True)
+    shapes = [{t.name: list(f[t.name].shape) for t in info.inputs} for f in cases]
+    layers = [{"layer": e.layer, "hidden": e.hidden, "kv": e.kv} for e in sorted(tf.errors.values(), key=lambda e: e.layer)]
+    return ComponentResult(worst_abs, w.worst, tol, w.worst <= tol, shapes, info.precision, "real" if real else "random", note,
+                           propagated_rel_l2=prop, layers=layers)
 
 
 def _graph_input(a: np.ndarray, t, kv) -> np.ndarray:

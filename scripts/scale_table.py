@@ -61,6 +61,8 @@ def row(run: Path) -> list[str]:
     rows = [r for r in rep.get("rows", []) if r.get("rel_l2") is not None]
     worst = max(rows, key=lambda r: r["rel_l2"] / (r["tolerance"] or 1), default=None)
     err = f"{worst['component']} {worst['rel_l2']:.3g} (tol {worst['tolerance']:g})" if worst else "-"
+    if worst and worst.get("propagated_rel_l2") is not None:  # a backbone verified layer by layer
+        err += f", worst layer; through all layers {worst['propagated_rel_l2']:.3g}"
     engines = sorted({r.get("engine", "") for r in rep.get("rows", [])})
     return [f"{rep.get('precision', '?')} -> {rep.get('target', '?')}", stages, "-" if wall is None else f"{wall / 60:.1f}",
             "-" if rss is None else f"{rss:.2f}", vs, err, "; ".join(engines)[:60] or "-",

@@ -240,3 +240,42 @@ def test_a_graph_past_the_quantization_threshold_is_quantized_layer_by_layer(tmp
     assert "slices" not in apply_plan(p, src, tmp_path / "a" / "g.onnx", feeds, 8)
     monkeypatch.setenv("EMMA_SLICE_QUANTIZE_BYTES", "1000")
     assert apply_plan(p, src, tmp_path / "b" / "g.onnx", feeds, 8)["slices"] == len(SlicedGraph(src).slices) > 2
+
+
+def test_sliced_verify_names_the_layer_a_small_bug_is_in(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """A graph checked slice by slice is judged layer by layer on the reference's input to each layer
+    (emma_export.layer_parity): one layer's output projection 10% too large fails, the report names
+    that layer, the layers before and after it stay exact, and the output through all layers is reported."""
+    import json
+    import shutil
+
+    from onnx import numpy_helper
+
+    from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    from emma_export.verify import verify_components
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    ok = verify_components(Bundle.load(streamed_bundle), tiny_reference, names=["backbone_und"])["backbone_und"]
+    assert ok.passed and ok.propagated_rel_l2 is not None and ok.propagated_rel_l2 < 1e-5
+    assert [e["layer"] for e in ok.layers] == list(range(tiny_reference.cfg.llm.num_hidden_layers))
+    bad = tmp_path / "bad"
+    shutil.copytree(streamed_bundle, bad)
+    g = bad / "backbone_und.onnx"
+    m = onnx.load(str(g))  # with its weights: written back whole below
+    t = next(t for t in m.graph.initializer if "/layers.1/self_attn/o_proj/" in t.name or "layers.1.self_attn.o_proj" in t.name)
+    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.1), t.name))
+    for f in bad.glob("backbone_und.onnx*.data"):
+        f.unlink()
+    onnx.save(m, str(g))
+    man = json.loads((bad / MANIFEST).read_text())
+    c = man["components"]["backbone_und"]
+    c["sha256"], c["data_files"] = sha256_file(g), []
+    (bad / MANIFEST).write_text(json.dumps(man))
+    r = verify_components(Bundle.load(bad), tiny_reference, names=["backbone_und"])["backbone_und"]
+    assert not r.passed, r
+    worst = max(r.layers, key=lambda e: max(e["hidden"], e["kv"]))
+    assert worst["layer"] == 1 and r.layers[0]["hidden"] < 1e-5, r.layers
+    # layer 2 on the reference's input is exact again: the bug does not leak into the layers after it
+    assert r.layers[2]["hidden"] < 1e-5 and r.propagated_rel_l2 > r.layers[2]["hidden"], r.layers
+    assert "worst layers.1" in r.note and "through all layers" in r.note

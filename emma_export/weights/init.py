@@ -8,6 +8,7 @@ the whole model in memory) get identical weights.
 from __future__ import annotations
 
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
@@ -20,6 +21,30 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return g
 
 
+# Tensors of at least CHUNKED values (emma-4b's projections and embeddings; nothing at tiny, small or
+# shapes) are drawn in CHUNK-value pieces, each from its own generator, on a thread per core: one
+# generator is serial, and emma-4b's reference draws 8.9 B values per export and about 4 B per
+# streamed call (7 ns a value on one core of this machine, 3.2 ns on two).
+CHUNKED = 1 << 22
+CHUNK = 1 << 22
+
+
+def _randn(shape: tuple[int, ...], seed: int, name: str) -> torch.Tensor:
+    n = 1
+    for s in shape:
+        n *= s
+    if n < CHUNKED:
+        return torch.randn(shape, generator=_generator(seed, name))
+    out = torch.empty(n)
+
+    def fill(i: int) -> None:
+        out[i * CHUNK:(i + 1) * CHUNK].normal_(generator=_generator(seed, f"{name}#{i}"))
+
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        list(pool.map(fill, range((n + CHUNK - 1) // CHUNK)))
+    return out.view(shape)
+
+
 def init_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int, zero_gen_head: bool = False) -> torch.Tensor:
     leaf = name.rsplit(".", 1)[-1]
     if name.startswith("gen_head.proj") and zero_gen_head:
@@ -28,7 +53,7 @@ def init_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int
         return torch.zeros(shape, dtype=dtype)
     if leaf in ("running_mean",) or (leaf == "bias"):
         if name.startswith("gen_head.proj"):
-            return torch.randn(shape, generator=_generator(seed, name)).mul_(0.02).to(dtype)
+            return _randn(shape, seed, name).mul_(0.02).to(dtype)
         return torch.zeros(shape, dtype=dtype)
     if leaf == "running_var" or len(shape) == 1:
         # Norm scales (and any other 1-D weight) start at one.
@@ -42,7 +67,7 @@ def init_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int
         std = fan_in ** -0.5
     if name.startswith("gen_head.proj"):
         std = shape[1] ** -0.5
-    return torch.randn(shape, generator=_generator(seed, name)).mul_(std).to(dtype)
+    return _randn(shape, seed, name).mul_(std).to(dtype)
 
 
 def materialize(
