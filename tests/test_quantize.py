@@ -306,3 +306,27 @@ def test_int8_keeps_the_down_projections_and_the_latent_stage_high():
     # fp8 keeps the Gen adapter high (generation -2.25 points with it quantized, n=400); int8 quantizes it
     assert plan("gen_adapter", "fp8", False, cfg).method == "none"
     assert plan("gen_adapter", "int8", False, cfg).method == "modelopt-int8"
+
+
+def test_embedding_table_goes_fp16_through_a_memory_map(tmp_path, tiny_bundle):
+    """fp16 of embed_tokens (one Gather from the table) streams the table (fp16.gather_table_fp16)
+    and gives the converter's own bytes and outputs: a tied fp16 LM head still shares them."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from emma_export.quantize import _plain_graph
+    from emma_export.quantize.fp16 import convert_fp16, gather_table_fp16
+
+    src = _plain_graph(tiny_bundle / "embed_tokens.onnx", tmp_path / "src" / "embed_tokens.onnx")
+    a, b = tmp_path / "a" / "g.onnx", tmp_path / "b" / "g.onnx"
+    for d in (a, b):
+        d.parent.mkdir()
+    assert gather_table_fp16(src, a, rows_per_chunk=7) is not None  # chunks that do not divide the rows
+    convert_fp16(src, b)
+    tables = [numpy_helper.to_array(onnx.load(str(g)).graph.initializer[0]) for g in (a, b)]
+    assert tables[0].dtype == np.float16 and tables[0].tobytes() == tables[1].tobytes()
+    ids = np.array([[0, 5, 255, 17]], dtype=np.int64)
+    outs = [ort.InferenceSession(str(g), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0] for g in (a, b)]
+    assert outs[0].dtype == np.float32 and np.array_equal(outs[0], outs[1])
+    # a graph of another form is left to the converter
+    assert gather_table_fp16(tiny_bundle / "gen_head.onnx", tmp_path / "c.onnx") is None

@@ -108,6 +108,56 @@ def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[F
     return {"kept_fp32_nodes": len(kept), "overflow_nodes": overflow}
 
 
+def gather_table_fp16(src: Path, dst: Path, rows_per_chunk: int = 8192) -> dict | None:
+    """``convert_fp16`` of a graph that is one Gather from an external float32 table (``embed_tokens``),
+    without holding the table: it is read through a memory map and written as fp16 a block of rows at a
+    time, with the converter's own rounding (``convert_np_to_float16``: the same bytes, so a tied LM head
+    converted the usual way still shares them), and the Gather's output cast back to float32 as
+    ``keep_io_types`` does. The converter's way held the emma-4b table (1.56 GB) about five times over
+    and the emma-4b fp8 build was killed at 24.3 GB on it. None: the graph is not of that form."""
+    import warnings
+
+    from onnxconverter_common import float16
+
+    from ..export.external_data import data_file_name, is_external, location, set_external
+
+    src, dst = Path(src), Path(dst)
+    m = onnx.load(str(src), load_external_data=False)
+    g = m.graph
+    if len(g.node) != 1 or g.node[0].op_type != "Gather" or len(g.output) != 1:
+        return None
+    node = g.node[0]
+    table = next((t for t in g.initializer if t.name == node.input[0]), None)
+    if table is None or table.data_type != TensorProto.FLOAT or not is_external(table) or len(g.initializer) != 1:
+        return None
+    info = {e.key: e.value for e in table.external_data}
+    file = (src.parent / location(table)).resolve()
+    if not file.is_relative_to(src.parent.resolve()):
+        raise ValueError(f"{src}: tensor '{table.name}' is stored outside the graph's folder ({location(table)})")
+    dims = tuple(table.dims)
+    rows = np.memmap(file, dtype=np.float32, mode="r", offset=int(info.get("offset", 0)), shape=dims)
+    data = dst.parent / data_file_name(dst)
+    with open(data, "wb") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns for every value it moves to the fp16 range
+        for i in range(0, dims[0], rows_per_chunk):
+            f.write(float16.convert_np_to_float16(np.asarray(rows[i:i + rows_per_chunk]), min_positive_val=2.0 ** -24,
+                                                 max_finite_val=FP16_MAX).tobytes())
+    del rows
+    t16 = TensorProto()
+    t16.name, t16.data_type = table.name, TensorProto.FLOAT16
+    t16.dims.extend(dims)
+    set_external(t16, data.name, 0, data.stat().st_size)
+    out = g.output[0]
+    half = out.name + "/fp16"
+    gather = helper.make_node("Gather", [table.name, node.input[1]], [half], name=node.name, axis=next(
+        (a.i for a in node.attribute if a.name == "axis"), 0))
+    cast = helper.make_node("Cast", [half], [out.name], name=node.name + "/to_float32", to=TensorProto.FLOAT)
+    graph = helper.make_graph([gather, cast], g.name, list(g.input), list(g.output), [t16])
+    m16 = helper.make_model(graph, opset_imports=m.opset_import, ir_version=m.ir_version)
+    dst.write_bytes(m16.SerializeToString())
+    return {"kept_fp32_nodes": 0, "overflow_nodes": [], "streamed_table": table.name}
+
+
 def _outputs_through_identity(m: onnx.ModelProto) -> None:
     """A graph output that nodes also read (a standard backbone's ``new_key_i``, read by its attention)
     gets its own Identity: with ``keep_io_types`` the converter casts the output back to float32 under
