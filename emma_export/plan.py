@@ -154,11 +154,17 @@ def graph_weights(cfg: EMMAConfig, precision: str, target_is_gpu: bool, attentio
     return {k: v for k, v in predict(cfg, precision, target_is_gpu, attention).items() if k in keep}
 
 
-def shared_embedding_bytes(weights: dict[str, int], precision: str) -> int:
+def shared_embedding_bytes(weights: dict[str, int], precision: str, cfg: EMMAConfig | None = None, gpu: bool = False) -> int:
     """Bytes a bundle does not store twice: the embedding table (all of ``embed_tokens``' weights),
-    when both graphs hold it in the same bytes."""
-    if precision not in TIED_ONCE or "lm_head" not in weights or "embed_tokens" not in weights:
+    when both graphs hold it in the same bytes (at an 8-bit precision: when the policy keeps the LM
+    head at the embedding's precision, emma-4b's)."""
+    if "lm_head" not in weights or "embed_tokens" not in weights:
         return 0
+    if precision not in TIED_ONCE:
+        from .quantize.policy import plan as policy_plan
+
+        if cfg is None or policy_plan("lm_head", precision, gpu, cfg).precision != policy_plan("embed_tokens", precision, gpu, cfg).precision:
+            return 0
     return weights["embed_tokens"]
 
 
@@ -372,7 +378,7 @@ def plan_memory(cfg: EMMAConfig, precision: str, target: Target, context: int | 
         config=cfg.name, precision=precision, target=target.name, context=context, image=image, cfg_mode=cfg_mode,
         weights=weights, parameters={k: s.total for k, s in params.items()}, kv_cache=kv, activations=acts,
         activation_peak=peak, total=total, variants=variants, policy=_policy_line(precision, gpu, kv_cache),
-        tasks=tasks, stored_once=shared_embedding_bytes(weights, precision),
+        tasks=tasks, stored_once=shared_embedding_bytes(weights, precision, cfg, gpu),
         weights_detail={k: {**asdict(d), "total": d.total} for k, d in detail.items()}, kv_cache_dtype=kind,
         phases=phases, peak_phase=max(phases, key=phases.get),
     )

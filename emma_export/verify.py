@@ -167,7 +167,7 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
         if real:
             real = comp.from_captured(cfg, real)
         cases = real if real else [comp.sample_inputs(cfg, dims, np.random.default_rng(100 + i)) for i, dims in enumerate(comp.verify_dims(cfg))]
-        if sliced is not None and not gqa:
+        if sliced is not None and not gqa and comp.name in BACKBONES:  # decoder layers to judge one by one
             out[comp.name] = _verify_layers(comp, cfg, module, info, kv, cases, sliced, tol, how, bool(real))
             if progress:
                 progress(comp.name)

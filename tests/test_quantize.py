@@ -308,25 +308,33 @@ def test_int8_keeps_the_down_projections_and_the_latent_stage_high():
     assert plan("gen_adapter", "int8", False, cfg).method == "modelopt-int8"
 
 
-def test_embedding_table_goes_fp16_through_a_memory_map(tmp_path, tiny_bundle):
-    """fp16 of embed_tokens (one Gather from the table) streams the table (fp16.gather_table_fp16)
-    and gives the converter's own bytes and outputs: a tied fp16 LM head still shares them."""
+def test_fp16_of_a_graph_with_external_data_streams_its_weights(tmp_path, tiny_bundle):
+    """fp16 of a graph whose weights are in files beside it is converted on its structure, the weights
+    streamed chunk by chunk (fp16.convert_fp16): the same bytes and outputs as the conversion of the
+    graph held whole, for the embedding and the tied LM head (so they still share one table)."""
     import onnxruntime as ort
     from onnx import numpy_helper
 
+    from emma_export.export.external_data import has_external, load_graph, save_graph
     from emma_export.quantize import _plain_graph
-    from emma_export.quantize.fp16 import convert_fp16, gather_table_fp16
+    from emma_export.quantize.fp16 import convert_fp16
 
-    src = _plain_graph(tiny_bundle / "embed_tokens.onnx", tmp_path / "src" / "embed_tokens.onnx")
-    a, b = tmp_path / "a" / "g.onnx", tmp_path / "b" / "g.onnx"
-    for d in (a, b):
-        d.parent.mkdir()
-    assert gather_table_fp16(src, a, rows_per_chunk=7) is not None  # chunks that do not divide the rows
-    convert_fp16(src, b)
-    tables = [numpy_helper.to_array(onnx.load(str(g)).graph.initializer[0]) for g in (a, b)]
-    assert tables[0].dtype == np.float16 and tables[0].tobytes() == tables[1].tobytes()
-    ids = np.array([[0, 5, 255, 17]], dtype=np.int64)
-    outs = [ort.InferenceSession(str(g), providers=["CPUExecutionProvider"]).run(None, {"input_ids": ids})[0] for g in (a, b)]
-    assert outs[0].dtype == np.float32 and np.array_equal(outs[0], outs[1])
-    # a graph of another form is left to the converter
-    assert gather_table_fp16(tiny_bundle / "gen_head.onnx", tmp_path / "c.onnx") is None
+    rng = np.random.default_rng(0)
+    feeds = {"embed_tokens": {"input_ids": np.array([[0, 5, 255, 17]], dtype=np.int64)},
+             "lm_head": {"hidden_states": rng.standard_normal((1, 3, 64)).astype(np.float32)}}
+    for name, feed in feeds.items():
+        ext = _plain_graph(tiny_bundle / f"{name}.onnx", tmp_path / name / "ext" / f"{name}.onnx")
+        assert has_external(ext)
+        whole = tmp_path / name / "whole" / "g.onnx"
+        whole.parent.mkdir()
+        save_graph(load_graph(ext), whole, limit=1 << 40)  # the same graph, its weights inline
+        outs, tables = [], []
+        for src in (ext, whole):
+            dst = src.parent / "fp16" / "g.onnx"
+            dst.parent.mkdir()
+            convert_fp16(src, dst, keep_ops=("Softmax",), keep_nodes=("norm",), feeds=[feed])
+            assert has_external(dst) == (src == ext)
+            tables.append({t.name: numpy_helper.to_array(t, base_dir=str(dst.parent)).tobytes() for t in onnx.load(str(dst)).graph.initializer})
+            outs.append(ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feed)[0])
+        assert tables[0] == tables[1] and any(len(v) > 1000 for v in tables[0].values())
+        assert outs[0].dtype == np.float32 and np.array_equal(outs[0], outs[1]), name

@@ -42,6 +42,7 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
     vision trunk)."""
     from . import calibrate, fp16, modelopt_driver
 
+    from ..export import external_data
     from ..export.external_data import copy_graph
 
     src, dst = Path(src), Path(dst)
@@ -49,10 +50,12 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
         if src != dst:
             copy_graph(src, dst)
         return {}
-    if p.method == "fp16":
-        streamed = fp16.gather_table_fp16(src, dst)  # an embedding table: nothing to calibrate or check
-        if streamed is not None:
-            return streamed
+    if sliced is None and p.method == "fp16" and external_data.has_external(src):
+        from ..export.streamed_export import threshold as stream_threshold
+
+        # converted on its structure, its weights streamed (fp16.convert_fp16): one slice per layer only
+        # where the overflow check could not run the graph whole (the backbones, past EMMA_STREAM_BYTES)
+        sliced = external_data.graph_weight_bytes(src) > stream_threshold()
     if sliced is None:
         from ..export.external_data import graph_weight_bytes
         from .sliced import threshold

@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ..export.external_data import PROTOBUF_LIMIT, load_graph, save_graph
+from ..export.external_data import PROTOBUF_LIMIT, has_external, load_graph, save_graph
 
 FP16_MAX = 65504.0
 # Headroom: an fp16 value above this has at most ~4x margin before an intermediate overflows.
@@ -39,7 +39,10 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
     """Nodes of the fp32 graph whose float inputs or outputs exceed ``threshold`` on ``feeds``."""
     import onnxruntime as ort
 
-    m = load_graph(path)
+    external = has_external(path)
+    # a graph with external data is run from a file beside its data: the weights are read once, by
+    # ONNX Runtime, not also into this process's protobuf
+    m = onnx.load(str(path), load_external_data=False) if external else load_graph(path)
     init = {i.name for i in m.graph.initializer}
     m = onnx.shape_inference.infer_shapes(m) if m.ByteSize() < PROTOBUF_LIMIT else m
     floats = {vi.name for vi in list(m.graph.value_info) + list(m.graph.output) + list(m.graph.input)
@@ -53,7 +56,7 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor
     so.log_severity_level = 3
-    sess = _session(m, so)
+    sess = _session_beside(m, so, Path(path)) if external else _session(m, so)
     names = [o.name for o in sess.get_outputs()]
     input_names = {i.name for i in sess.get_inputs()}
     peak: dict[str, float] = {}
@@ -85,11 +88,29 @@ def _session(m: onnx.ModelProto, so):
         return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _session_beside(m: onnx.ModelProto, so, path: Path):
+    """A CPU session on ``m`` (its external tensors not loaded), written next to ``path`` so that
+    its data files resolve as they do for the graph itself."""
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.NamedTemporaryFile(prefix=".overflow-", suffix=".onnx", dir=path.parent) as f:
+        f.write(m.SerializeToString())
+        f.flush()
+        return ort.InferenceSession(f.name, so, providers=["CPUExecutionProvider"])
+
+
 def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[Feed] | None = None) -> dict:
-    """fp16 weights and compute, float32 IO. Returns what was kept fp32 (for the manifest's policy)."""
+    """fp16 weights and compute, float32 IO. Returns what was kept fp32 (for the manifest's policy).
+    A graph with external data is converted on its structure alone, and its weights streamed from
+    the source's files to the new graph's (``_stream_weights``): the emma-4b LM head's table is 1.56 GB,
+    and the whole-graph conversion held it about five times over."""
     from onnxconverter_common import float16
 
-    m = load_graph(src)
+    src, dst = Path(src), Path(dst)
+    external = has_external(src)
+    m = onnx.load(str(src), load_external_data=False) if external else load_graph(src)
     del m.graph.value_info[:]  # stale float types would be re-typed blindly
     _outputs_through_identity(m)
     overflow = overflowing_nodes(src, feeds) if feeds else []
@@ -102,60 +123,62 @@ def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[F
     op_block = list(float16.DEFAULT_OP_BLOCK_LIST)
     _unshare_initializers(m, block | {n.name for n in m.graph.node if n.op_type in op_block})
     kept = sorted(n.name for n in m.graph.node if n.name in block and n.op_type != "Cast")
+    was = {t.name: t.data_type for t in m.graph.initializer}
     m16 = float16.convert_float_to_float16(m, keep_io_types=True, op_block_list=op_block, node_block_list=sorted(block),
                                            max_finite_val=FP16_MAX, min_positive_val=2.0 ** -24)
-    save_graph(m16, dst)
+    if external:
+        _stream_weights(m16, was, src, dst)
+        dst.write_bytes(m16.SerializeToString())
+    else:
+        save_graph(m16, dst)
     return {"kept_fp32_nodes": len(kept), "overflow_nodes": overflow}
 
 
-def gather_table_fp16(src: Path, dst: Path, rows_per_chunk: int = 8192) -> dict | None:
-    """``convert_fp16`` of a graph that is one Gather from an external float32 table (``embed_tokens``),
-    without holding the table: it is read through a memory map and written as fp16 a block of rows at a
-    time, with the converter's own rounding (``convert_np_to_float16``: the same bytes, so a tied LM head
-    converted the usual way still shares them), and the Gather's output cast back to float32 as
-    ``keep_io_types`` does. The converter's way held the emma-4b table (1.56 GB) about five times over
-    and the emma-4b fp8 build was killed at 24.3 GB on it. None: the graph is not of that form."""
+def _stream_weights(m: onnx.ModelProto, was: dict[str, int], src: Path, dst: Path, chunk: int = 1 << 24) -> None:
+    """The external tensors of a converted structure (``m``), written to ``dst``'s data file a chunk at a
+    time from ``src``'s files: the ones the converter retyped to FLOAT16 with its own rounding
+    (``convert_np_to_float16``), the others as they are. ``was``: each initializer's type before."""
     import warnings
 
     from onnxconverter_common import float16
 
     from ..export.external_data import data_file_name, is_external, location, set_external
 
-    src, dst = Path(src), Path(dst)
-    m = onnx.load(str(src), load_external_data=False)
-    g = m.graph
-    if len(g.node) != 1 or g.node[0].op_type != "Gather" or len(g.output) != 1:
-        return None
-    node = g.node[0]
-    table = next((t for t in g.initializer if t.name == node.input[0]), None)
-    if table is None or table.data_type != TensorProto.FLOAT or not is_external(table) or len(g.initializer) != 1:
-        return None
-    info = {e.key: e.value for e in table.external_data}
-    file = (src.parent / location(table)).resolve()
-    if not file.is_relative_to(src.parent.resolve()):
-        raise ValueError(f"{src}: tensor '{table.name}' is stored outside the graph's folder ({location(table)})")
-    dims = tuple(table.dims)
-    rows = np.memmap(file, dtype=np.float32, mode="r", offset=int(info.get("offset", 0)), shape=dims)
     data = dst.parent / data_file_name(dst)
-    with open(data, "wb") as f, warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the converter warns for every value it moves to the fp16 range
-        for i in range(0, dims[0], rows_per_chunk):
-            f.write(float16.convert_np_to_float16(np.asarray(rows[i:i + rows_per_chunk]), min_positive_val=2.0 ** -24,
-                                                 max_finite_val=FP16_MAX).tobytes())
-    del rows
-    t16 = TensorProto()
-    t16.name, t16.data_type = table.name, TensorProto.FLOAT16
-    t16.dims.extend(dims)
-    set_external(t16, data.name, 0, data.stat().st_size)
-    out = g.output[0]
-    half = out.name + "/fp16"
-    gather = helper.make_node("Gather", [table.name, node.input[1]], [half], name=node.name, axis=next(
-        (a.i for a in node.attribute if a.name == "axis"), 0))
-    cast = helper.make_node("Cast", [half], [out.name], name=node.name + "/to_float32", to=TensorProto.FLOAT)
-    graph = helper.make_graph([gather, cast], g.name, list(g.input), list(g.output), [t16])
-    m16 = helper.make_model(graph, opset_imports=m.opset_import, ir_version=m.ir_version)
-    dst.write_bytes(m16.SerializeToString())
-    return {"kept_fp32_nodes": 0, "overflow_nodes": [], "streamed_table": table.name}
+    root = src.parent.resolve()
+    offset = 0
+    with open(data, "wb") as out, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the converter warns for every value it moves into the fp16 range
+        for t in m.graph.initializer:
+            if not is_external(t):
+                continue
+            info = {e.key: e.value for e in t.external_data}
+            file = (src.parent / location(t)).resolve()
+            if not file.is_relative_to(root):
+                raise ValueError(f"{src}: tensor '{t.name}' is stored outside the graph's folder ({location(t)})")
+            start, length = int(info.get("offset", 0)), int(info["length"])
+            to_half = was.get(t.name) == TensorProto.FLOAT and t.data_type == TensorProto.FLOAT16
+            pad = -offset % 64
+            out.write(b"\0" * pad)
+            offset += pad
+            written = 0
+            with open(file, "rb") as f:
+                f.seek(start)
+                left = length
+                while left:
+                    raw = f.read(min(chunk, left))
+                    if not raw:
+                        raise ValueError(f"{file}: tensor '{t.name}' runs past the end of the file")
+                    left -= len(raw)
+                    if to_half:
+                        raw = float16.convert_np_to_float16(np.frombuffer(raw, np.float32), min_positive_val=2.0 ** -24,
+                                                            max_finite_val=FP16_MAX).tobytes()
+                    out.write(raw)
+                    written += len(raw)
+            set_external(t, data.name, offset, written)
+            offset += written
+    if offset == 0:
+        data.unlink()
 
 
 def _outputs_through_identity(m: onnx.ModelProto) -> None:

@@ -31,7 +31,8 @@ What stays higher, and why (measured on tiny; see calibration/README.md and the 
 - The trunk's position-embedding resampling (bicubic matrices, MatMul with constants) is not
   quantized: exact interpolation weights.
 - The token embedding is a Gather: nothing to quantize; it stays at the high precision.
-- The LM head is quantized with the backbone at INT8 and FP8 (the largest single GEMM of decoding);
+- The LM head is quantized with the backbone at INT8 and FP8 (the largest single GEMM of decoding),
+  except past the slice threshold (emma-4b's 1.56 GB table): kept high there (``_large_head``);
   INT4 weight-only keeps it at the high precision (AWQ on the tied embedding hurts token agreement,
   and Model Optimizer excludes it by default).
 - INT4 weight-only applies to the backbone (memory-bound decoding); the vision tower, adapters and
@@ -121,6 +122,16 @@ class Plan:
         return "; ".join(parts)
 
 
+def _large_head(cfg) -> bool:
+    """Whether the LM head's fp32 table passes ``EMMA_SLICE_QUANTIZE_BYTES`` (1e9), past which Model
+    Optimizer is not given a graph whole: the head has no layers to slice. (Not lowered with
+    ``EMMA_STREAM_BYTES``, which the tests set to 0 to send tiny graphs down the streamed paths.)"""
+    from ..export.external_data import bytes_from_env
+    from .sliced import DEFAULT_THRESHOLD, ENV
+
+    return 4 * cfg.llm.vocab_size * cfg.llm.hidden_size > bytes_from_env(ENV, DEFAULT_THRESHOLD)
+
+
 def _streamed_backbone(cfg) -> bool:
     """Whether a backbone's fp32 weights pass the threshold past which it is quantized layer by layer
     (``sliced.threshold()``): one branch's projections and MLP per layer, as the export holds them."""
@@ -163,6 +174,11 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
 
     if c == "embed_tokens":
         return high("a Gather: nothing to quantize")
+    if c == "lm_head" and precision in ("int8", "fp8") and cfg is not None and _large_head(cfg):
+        # Model Optimizer's ONNX PTQ measured 12.7x its weight bytes in RSS on a single MatMul (0.39 GB
+        # of weights: 5.34 GB; scripts/lm_head_probe.py), about 20 GB for emma-4b's 1.56 GB head, and
+        # its own LLM recipes leave the LM head out. Kept high, it shares the embedding's table.
+        return high("LM head kept high past the slice threshold (tied: one table with the embedding)")
     if precision == "int4w":
         if c in names.BACKBONES:
             # 128 (the usual AWQ block) for real widths; tiny's 64-wide layers get 16 (measured on tiny:
