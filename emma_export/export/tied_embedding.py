@@ -87,7 +87,11 @@ def tie(folder: str | Path, embed_file: str, head_file: str) -> bool:
     if target is None:
         return False
     raw = np.ascontiguousarray(t).tobytes()
-    (folder / TIED_FILE).write_bytes(raw)
+    # written new and renamed over: a bundle quantized from another shares its data files by hard
+    # link (build.stage_export), and writing into this one would write into the source's
+    tmp = folder / (TIED_FILE + ".tmp")
+    tmp.write_bytes(raw)
+    tmp.replace(folder / TIED_FILE)
     set_external(table, TIED_FILE, 0, len(raw))
     shared = onnx.TensorProto()
     shared.CopyFrom(table)
