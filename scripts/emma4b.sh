@@ -16,9 +16,10 @@
 #                                             # (saves ~45 GB of disk and the init)
 #   EMMA4B_OUT=/big/disk bash scripts/emma4b.sh   # where to write (emma-4b needs ~80 GB of disk)
 #
-# Both builds calibrate with the short "scale" recipe (about 25 reference backbone calls: the
-# reference reads each layer's weights on every call, emma_export/streamed_reference.py). Extra build
-# flags go through EMMA4B_BUILD_FLAGS (default "--recipe scale --calib-samples 16").
+# Both builds take one calibration capture, made first with the short "scale" recipe (about 25
+# reference backbone calls: the reference reads each layer's weights on every call,
+# emma_export/streamed_reference.py; 12.5 min at emma-4b). Extra build flags go through
+# EMMA4B_BUILD_FLAGS (default "--calib-samples 16").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -42,7 +43,7 @@ if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}"
 EXPORT=("$PY" -c "from emma_export.cli import main; main()")
 TIME=/usr/bin/time
-BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:---recipe scale --calib-samples 16})
+BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:---calib-samples 16})
 
 run() {  # echo, then run unless --dry-run
   printf '+'; printf ' %q' "$@"; printf '\n'
@@ -67,7 +68,12 @@ if [ "$RANDOM_WEIGHTS" = 0 ] && [ ! -d "$OUT/checkpoint" ]; then
     --ae "$OUT/upstream/dcae" --config "$CONFIG" --out "$OUT/checkpoint" --json "$OUT/init.json"
 fi
 
-# 2. the two builds, each with its plan (the weight estimate the bundle is held to)
+# 2. one calibration capture for both builds (the same reference, the same recipe)
+if [ ! -f "$OUT/calib/backbone_und.npz" ]; then
+  run "$TIME" -v -o "$OUT/time-calibrate.txt" "${EXPORT[@]}" calibrate --config "$CONFIG" "${WEIGHTS[@]}" --recipe scale --out "$OUT/calib"
+fi
+
+# 3. the two builds, each with its plan (the weight estimate the bundle is held to)
 build() {  # precision target [extra build flags]
   local p="$1" t="$2" d="$OUT/$1-$2"
   local extra=("${@:3}")
@@ -79,14 +85,14 @@ build() {  # precision target [extra build flags]
   fi
   # --force: a failed verify still leaves the bundle and its report, so the table shows what failed
   run "$TIME" -v -o "$d/time.txt" "${EXPORT[@]}" build --config "$CONFIG" "${WEIGHTS[@]}" \
-    --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet "${BUILD_FLAGS[@]}" "${extra[@]}" \
+    --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet --calibration "$OUT/calib" "${BUILD_FLAGS[@]}" "${extra[@]}" \
     || echo "build $p $t exited $? (see $d/time.txt)"
 }
 build fp8 h100
 # the Orin (16 GB) fits emma-4b int4w at 8192 tokens of context only with an 8-bit KV cache (plan)
 build int4w jetson-orin --kv-cache int8
 
-# 3. the table
+# 4. the table
 run "$PY" scripts/scale_table.py "$OUT/fp8-h100" "$OUT/int4w-jetson-orin"
 if [ "$DRY" = 0 ]; then
   for f in "$OUT"/time-*.txt; do
