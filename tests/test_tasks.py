@@ -121,4 +121,7 @@ def test_tied_embedding_is_counted_once_on_disk():
     emb = cfg.llm.vocab_size * cfg.llm.hidden_size
     fp32 = plan_memory(cfg, "fp32", load_target("cpu"))
     assert fp32.stored_once == emb * 4 and fp32.bundle_weights == fp32.weights_total - emb * 4
-    assert plan_memory(cfg, "int8", load_target("cpu")).stored_once == 0  # the LM head is quantized apart
+    # emma-4b's LM head stays high at int8 (Model Optimizer would need ~20 GB for it: policy._large_head),
+    # so it shares the embedding's table; small's is quantized apart and shares nothing
+    assert plan_memory(cfg, "int8", load_target("cpu")).stored_once == emb * 4
+    assert plan_memory(get_config("small"), "int8", load_target("cpu")).stored_once == 0
