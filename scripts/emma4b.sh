@@ -6,7 +6,8 @@
 #   emma-export build --config emma-4b --checkpoint CKPT --precision fp8   --target h100        --out B
 #   emma-export build --config emma-4b --checkpoint CKPT --precision int4w --target jetson-orin --out B
 #
-# and the table (scripts/scale_table.py): per-stage wall time, peak RSS, bundle bytes against `plan`,
+# then TensorRT-RTX engines of each bundle (`emma-export engines --target rtx-ada`, builder peak RSS per
+# component in the manifest), and the table (scripts/scale_table.py): per-stage wall time, peak RSS, bundle bytes against `plan`,
 # worst component error, engines. Hours of CPU and up to 20 GiB of RAM: not for a shared machine.
 #
 #   bash scripts/emma4b.sh                    # emma-4b, into out/emma4b
@@ -15,6 +16,7 @@
 #   bash scripts/emma4b.sh --random-weights   # seeded weights: no upstream folders, no checkpoint
 #                                             # (saves ~45 GB of disk and the init)
 #   EMMA4B_OUT=/big/disk bash scripts/emma4b.sh   # where to write (emma-4b needs ~80 GB of disk)
+#   EMMA4B_ENGINE_TARGET=rtx-blackwell ...      # the TensorRT-RTX target of the engines (default rtx-ada)
 #
 # Both builds take one calibration capture, made first with the short "scale" recipe (about 25
 # reference backbone calls: the reference reads each layer's weights on every call,
@@ -31,7 +33,7 @@ while [ $# -gt 0 ]; do
     --dry-run) DRY=1 ;;
     --config) CONFIG="$2"; shift ;;
     --random-weights) RANDOM_WEIGHTS=1 ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (--dry-run, --config NAME, --random-weights)" >&2; exit 2 ;;
   esac
   shift
@@ -44,6 +46,7 @@ export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}"
 EXPORT=("$PY" -c "from emma_export.cli import main; main()")
 TIME=/usr/bin/time
 BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:---calib-samples 16})
+ENGINE_TARGET="${EMMA4B_ENGINE_TARGET:-rtx-ada}"
 
 run() {  # echo, then run unless --dry-run
   printf '+'; printf ' %q' "$@"; printf '\n'
@@ -87,6 +90,13 @@ build() {  # precision target [extra build flags]
   run "$TIME" -v -o "$d/time.txt" "${EXPORT[@]}" build --config "$CONFIG" "${WEIGHTS[@]}" \
     --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet --calibration "$OUT/calib" "${BUILD_FLAGS[@]}" "${extra[@]}" \
     || echo "build $p $t exited $? (see $d/time.txt)"
+  # TensorRT-RTX engines of the same bundle for an RTX GPU (the builder runs here without one; full
+  # TensorRT for h100/jetson does not install here): every component that fits this machine's memory,
+  # the rest named in the manifest for building on the device
+  if [ "$DRY" = 1 ] || [ -f "$d/bundle/manifest.json" ]; then
+    run "$TIME" -v -o "$d/time-engines.txt" "${EXPORT[@]}" engines --bundle "$d/bundle" --target "$ENGINE_TARGET" \
+      || echo "engines $p $ENGINE_TARGET exited $? (see $d/time-engines.txt)"
+  fi
 }
 build fp8 h100
 # the Orin (16 GB) fits emma-4b int4w at 8192 tokens of context only with an 8-bit KV cache (plan)

@@ -46,6 +46,25 @@ def bundle_bytes(bundle: Path) -> int | None:
     return sum((bundle / f).stat().st_size for f in files)
 
 
+def engine_summary(run: Path) -> str:
+    """What ``emma-export engines`` (``time-engines.txt`` beside the build) left in the manifest: engines
+    built, their total build time and the builder's largest peak RSS, and the components left to the device."""
+    m = run / "bundle" / "manifest.json"
+    if not (run / "time-engines.txt").is_file() or not m.is_file():
+        return ""
+    comps = json.loads(m.read_text())["components"]
+    built = [c["engine"] for c in comps.values() if c.get("engine")]
+    device = sorted(n for n, c in comps.items() if c.get("engine_on_device"))
+    rss, wall = time_v(run / "time-engines.txt")
+    if not built:
+        return f"none built{'; on the device: ' + ', '.join(device) if device else ''}"
+    out = (f"{len(built)} {built[0]['target']}, {sum(e['build_seconds'] for e in built):.0f} s building, "
+           f"builder peak {max(e['builder_peak_rss'] for e in built) / 2**30:.2f} GiB")
+    if wall is not None and rss is not None:
+        out += f" (command {wall / 60:.1f} min, {rss:.2f} GiB)"
+    return out + (f"; on the device: {', '.join(device)}" if device else "")
+
+
 def row(run: Path) -> list[str]:
     rep = json.loads((run / "build.json").read_text()) if (run / "build.json").is_file() else {}
     plan = json.loads((run / "plan.json").read_text()) if (run / "plan.json").is_file() else {}
@@ -63,9 +82,9 @@ def row(run: Path) -> list[str]:
     err = f"{worst['component']} {worst['rel_l2']:.3g} (tol {worst['tolerance']:g})" if worst else "-"
     if worst and worst.get("propagated_rel_l2") is not None:  # a backbone verified layer by layer
         err += f", worst layer; through all layers {worst['propagated_rel_l2']:.3g}"
-    engines = sorted({r.get("engine", "") for r in rep.get("rows", [])})
+    engines = engine_summary(run) or "; ".join(sorted({r.get("engine", "") for r in rep.get("rows", [])}))[:60]
     return [f"{rep.get('precision', '?')} -> {rep.get('target', '?')}", stages, "-" if wall is None else f"{wall / 60:.1f}",
-            "-" if rss is None else f"{rss:.2f}", vs, err, "; ".join(engines)[:60] or "-",
+            "-" if rss is None else f"{rss:.2f}", vs, err, engines or "-",
             "yes" if rep.get("passed") else "NO"]
 
 

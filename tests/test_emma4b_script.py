@@ -32,3 +32,32 @@ def test_random_weights_skip_the_upstream_folders_and_the_checkpoint():
 def test_an_unknown_argument_is_one_line_and_exit_2():
     r = _dry("--fp9")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--fp9" in r.stderr
+
+
+def test_each_bundle_gets_tensorrt_rtx_engines_after_its_build():
+    lines = _dry("--random-weights").stdout.splitlines()
+    builds = [i for i, line in enumerate(lines) if " build " in line]
+    engines = [i for i, line in enumerate(lines) if " engines " in line]
+    assert len(engines) == 2 and builds[0] < engines[0] < builds[1] < engines[1]
+    for i, d in zip(engines, ("fp8-h100", "int4w-jetson-orin")):
+        assert f"--bundle out/emma4b/emma-4b/{d}/bundle --target rtx-ada" in lines[i] and "time-engines.txt" in lines[i]
+
+
+def test_the_table_reads_what_the_engines_command_left_in_the_manifest(tmp_path):
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from scale_table import engine_summary
+
+    run = tmp_path / "fp8-h100"
+    (run / "bundle").mkdir(parents=True)
+    eng = {"target": "rtx-ada", "build_seconds": 40.0, "builder_peak_rss": 3 * 2**30}
+    comps = {"a": {"engine": eng}, "b": {"engine": {**eng, "builder_peak_rss": 11 * 2**30}},
+             "c": {"engine": None, "engine_on_device": "the builder needs about 30 GiB"}}
+    (run / "bundle" / "manifest.json").write_text(json.dumps({"components": comps}))
+    assert engine_summary(run) == ""  # no engines command was run: the build's own column stands
+    (run / "time-engines.txt").write_text("\tMaximum resident set size (kbytes): 12582912\n"
+                                          "\tElapsed (wall clock) time (h:mm:ss or m:ss): 2:30.00\n")
+    assert engine_summary(run) == ("2 rtx-ada, 80 s building, builder peak 11.00 GiB (command 2.5 min, 12.00 GiB); "
+                                   "on the device: c")
