@@ -70,6 +70,9 @@ class BuildReport:
     plan_bundle_weights: int = 0
     # the manifest's kv_cache (dtype, 8-bit scales) when --kv-cache chose one; empty: the export's float32
     kv_cache: dict = field(default_factory=dict)
+    # the tasks checked end to end (their pipelines against the fp32 reference's): the bundle's tasks,
+    # every task for a full bundle; empty when e2e did not run (--no-e2e, or e2e["skipped"] says why)
+    e2e_tasks: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
@@ -192,6 +195,8 @@ class Verdict:
     verify_passed: bool = True
     e2e: dict = field(default_factory=dict)
     e2e_passed: bool = True
+    # the tasks whose pipelines ran end to end (a subset bundle's own); empty: e2e did not run
+    e2e_tasks: list[str] = field(default_factory=list)
     tasks: dict = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
 
@@ -438,12 +443,11 @@ def stage_verify(req: BuildRequest, t, work: Path, ref: _Reference, echo, second
         # the pipelines would hold every graph whole: past the streaming threshold each component is
         # checked slice by slice instead (verify._runner), against the layer-streamed reference
         v.e2e["skipped"] = {"passed": True, "reason": f"{', '.join(streamed)} past the streaming threshold: per-component parity, layer by layer"}
-    elif req.e2e and subset:
-        # verify_e2e runs all three pipelines; a subset bundle is checked component by component
-        v.e2e["skipped"] = {"passed": True, "reason": f"task-subset bundle ({', '.join(bundle.manifest.tasks)}): per-component parity only"}
     elif req.e2e and not (t.is_gpu and req.precision == "bf16"):
-        from .verify_e2e import verify_pipelines
+        from .verify_e2e import e2e_tasks, verify_pipelines
 
+        # a task-subset bundle runs its own tasks' pipelines (the others' graphs are not in it)
+        v.e2e_tasks = list(e2e_tasks(bundle))
         t0 = time.perf_counter()
         for k, r in verify_pipelines(bundle, ref.get(bundle)).items():
             v.e2e[k] = dict(r)
@@ -532,7 +536,8 @@ def _build(req: BuildRequest, t, echo) -> BuildReport:
         report = BuildReport(str(req.out), bundle.manifest.config_name, req.precision, t.name, rows,
                              verdict.e2e, verdict.e2e_passed, verdict.verify_passed, verdict.failures, seconds, details,
                              verdict.tasks, sorted(req.only), bundle_bytes=bundle_bytes(work, bundle.manifest.components.values()),
-                             bundle_tasks=list(bundle.manifest.tasks), plan_bundle_weights=_plan_bundle_weights(bundle, rows), kv_cache=kv_cache)
+                             bundle_tasks=list(bundle.manifest.tasks), plan_bundle_weights=_plan_bundle_weights(bundle, rows), kv_cache=kv_cache,
+                             e2e_tasks=verdict.e2e_tasks)
         (work / "build-report.json").write_text(json.dumps(report.to_dict(), indent=2))
         if not report.passed and not req.force:
             f = verdict.failures
@@ -600,6 +605,10 @@ def print_report(rep: BuildReport) -> None:
                       f"its output through every layer {r.propagated_rel_l2:.3g}")
     con.print(f"KV cache: {rep.kv_cache.get('dtype', 'float32 (as exported)')}"
               + (" with per-layer scales from calibration" if rep.kv_cache.get("key_scales") else ""))
+    if rep.e2e_tasks:
+        rest = [k for k in ("understand", "generate", "edit") if k not in rep.e2e_tasks]
+        con.print(f"e2e: checked end to end: {', '.join(rep.e2e_tasks)}"
+                  + (f" (task-subset bundle; {', '.join(rest)} not in it)" if rest else ""))
     for k, v in rep.e2e.items():
         if k == "skipped":
             con.print(f"e2e: skipped: {v.get('reason')}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,3 +126,90 @@ def test_tied_embedding_is_counted_once_on_disk():
     # so it shares the embedding's table; small's is quantized apart and shares nothing
     assert plan_memory(cfg, "int8", load_target("cpu")).stored_once == emb * 4
     assert plan_memory(get_config("small"), "int8", load_target("cpu")).stored_once == 0
+
+
+# ---- the build's end-to-end check of a task-subset bundle: its own tasks' pipelines -------------
+
+def _build_cli(args: list[str]) -> tuple[int, str, dict]:
+    """`emma-export` through click (one process: the reference is cheap at tiny); (exit code, output, report)."""
+    from click.testing import CliRunner
+
+    from emma_export.cli import main
+
+    out = Path(args[args.index("--out") + 1])
+    report = out.parent / f"{out.name}.json"
+    r = CliRunner().invoke(main, args + ["--json", str(report)] + (["--quiet"] if args[0] == "build" else []))
+    return r.exit_code, r.output, (json.loads(report.read_text()) if report.exists() else {})
+
+
+@pytest.fixture(scope="module")
+def understand_build(tmp_path_factory):
+    """`emma-export build --tasks understand` of tiny at fp32 (no calibration: about 10 s)."""
+    out = tmp_path_factory.mktemp("e2e-tasks") / "understand"
+    code, output, rep = _build_cli(["build", "--config", "tiny", "--precision", "fp32", "--target", "cpu",
+                                    "--tasks", "understand", "--out", str(out)])
+    assert code == 0, output
+    return out, output, rep
+
+
+def test_a_subset_build_checks_its_own_tasks_end_to_end(understand_build, tiny_reference):
+    out, output, rep = understand_build
+    assert rep["passed"] and rep["e2e_passed"] and rep["bundle_tasks"] == ["understand"]
+    # understand's figures, and only understand's: the bundle has no generate or edit graphs to run
+    assert rep["e2e_tasks"] == ["understand"] and set(rep["e2e"]) == {"understand"}, rep["e2e"]
+    u = rep["e2e"]["understand"]
+    assert u["passed"] and u["token_agreement"] == 1.0 and u["logits_steps"] >= 2
+    assert u["logits_rel_l2"] <= u["max_logits_rel_l2"] and u["visual_tokens"] == u["expected_visual_tokens"]
+    assert "e2e: checked end to end: understand (task-subset bundle; generate, edit not in it)" in output
+    # `emma-export verify --e2e` (verify_bundle) runs the same pipelines on the same bundle
+    from emma_export.verify import verify_bundle
+
+    v = verify_bundle(out, e2e=True)
+    assert v.passed and set(v.pipelines) == {"understand"} and v.pipelines["understand"]["passed"]
+
+
+def _perturb(bundle_dir: Path, component: str, rel: float) -> None:
+    """A deliberate bug: seeded noise of ``rel`` times its spread added to the component's largest
+    weight, the checksum rewritten (the bundle loads; only parity can tell)."""
+    import onnx
+    from onnx import numpy_helper
+
+    from emma_runtime.bundle import sha256_file
+
+    m = json.loads((bundle_dir / "manifest.json").read_text())
+    f = bundle_dir / m["components"][component]["file"]
+    g = onnx.load(str(f))
+    t = max(g.graph.initializer, key=lambda t: np.prod(t.dims) if t.data_type == onnx.TensorProto.FLOAT else 0)
+    w = numpy_helper.to_array(t)
+    noise = np.random.default_rng(0).standard_normal(w.shape).astype(np.float32) * np.float32(rel * w.std())
+    t.CopyFrom(numpy_helper.from_array(w + noise, t.name))
+    onnx.save(g, str(f))
+    m["components"][component]["sha256"] = sha256_file(f)
+    (bundle_dir / "manifest.json").write_text(json.dumps(m))
+
+
+def test_a_subset_builds_end_to_end_check_fails_on_a_bad_understand_graph(understand_build, tiny_cfg, tmp_path):
+    """und_adapter, run by understand only (tiny's edit takes its reference through gen_adapter), with
+    its largest weight off by 2e-3 of its spread: within the component tolerance (measured: rel L2
+    5.7e-5 against 1e-4), and past the end-to-end floor (logits 2.2e-5 against 1e-5): only the subset
+    bundle's own e2e check can fail it, and its verdict for understand does."""
+    import shutil
+
+    E = tiny_cfg.vision.num_experts
+    assert names.UND_ADAPTER in names.for_task("understand", E, tiny_cfg.reference_branch)
+    assert all(names.UND_ADAPTER not in names.for_task(k, E, tiny_cfg.reference_branch) for k in ("generate", "edit"))
+    bad = tmp_path / "bad"
+    shutil.copytree(understand_build[0], bad)
+    (bad / "build-report.json").unlink()
+    _perturb(bad, names.UND_ADAPTER, 2e-3)
+    # `emma-export quantize --precision fp32` of the subset bundle: copy, verify, e2e (--force: the report)
+    code, output, rep = _build_cli(["quantize", "--bundle", str(bad), "--precision", "fp32", "--target", "cpu",
+                                    "--out", str(tmp_path / "out"), "--force"])
+    assert code == 0, output
+    assert not rep["passed"] and not rep["e2e_passed"] and rep["e2e_tasks"] == ["understand"]
+    assert set(rep["e2e"]) == {"understand"}
+    u = rep["e2e"]["understand"]
+    assert not u["passed"] and "logits rel L2" in u["reason"] and u["logits_rel_l2"] > u["max_logits_rel_l2"], u
+    assert rep["failures"] == [f"e2e understand: {u['reason']}"], rep["failures"]
+    row = next(r for r in rep["rows"] if r["component"] == names.UND_ADAPTER)
+    assert row["passed"] and row["rel_l2"] > 1e-5  # the graph is changed, per-component parity lets it by

@@ -17,7 +17,7 @@ from .app import main
 @main.command()
 @click.option("--bundle", "bundle_dir", required=True, type=click.Path())
 @click.option("--json", "json_out", type=click.Path(), default=None, help="Write the report as JSON.")
-@click.option("--e2e", is_flag=True, help="Also run the three pipelines through the runtime and the reference.")
+@click.option("--e2e", is_flag=True, help="Also run the bundle's pipelines (a task-subset bundle's own tasks) through the runtime and the reference.")
 @click.option("--checkpoint", type=click.Path(exists=True), default=None, help="Reference weights (default: the bundle's source).")
 def verify(bundle_dir, json_out, e2e, checkpoint):
     """Compare every component (and with --e2e every pipeline) of a bundle with the PyTorch reference."""
@@ -39,6 +39,8 @@ def verify(bundle_dir, json_out, e2e, checkpoint):
         click.echo(f"TensorRT parser ({rep.trt_parser}): {ok}/{len(rep.trt_parse)} graphs parse")
     else:
         click.echo(f"TensorRT parser: {rep.trt_parser}")
+    if rep.pipelines:
+        click.echo(f"e2e: checked end to end: {', '.join(rep.pipelines)}")
     for name, p in rep.pipelines.items():
         click.echo(f"pipeline {name}: " + ", ".join(f"{k}={v}" for k, v in p.items() if k != "reason") + ("" if p["passed"] else f"  FAILED: {p['reason']}"))
     if json_out:
