@@ -44,6 +44,10 @@ _DIVISORS = {
     TensorProto.INT8: {"amax/127": lambda a, dt: (a / np.float32(127.0)).astype(dt)},
     TensorProto.INT4: {"amax/7": lambda a, dt: (a / np.float32(7.0)).astype(dt)},
 }
+# Model Optimizer's INT8 calibration (ONNX Runtime's ``compute_scale_zp``) makes a scale of 1.0 where
+# amax / 127 is below float32's smallest normal (an all-zero weight channel or activation); its FP8
+# starts from that INT8 scale. The rules below would give 0, and 0 / 0 quantizes to NaN.
+_UNIT_INT8_RULES = ("(amax/127)*448/127", "amax/127")
 _RENAMED = "_QuantizeLinear_Input"  # Model Optimizer's name for a graph output it quantizes
 _CLIP_MIN = 1e-5  # Model Optimizer's floor on a block scale (int4 ``find_scales``)
 _SCALE_RTOL = 2e-3  # two fp16 ulps: a scale stored in fp16 may round either way
@@ -346,6 +350,18 @@ def fit(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, float]) -
                 break
 
 
+def _zero_amax(a: np.ndarray, label: str, r: Rule, name: str) -> np.ndarray:
+    """``a`` with a zero amax made what Model Optimizer takes for it (``_UNIT_INT8_RULES``); a block
+    scale is floored after the rule instead (``_CLIP_MIN``). Any other rule: NotReplayable (the
+    layer goes through Model Optimizer), not a zero scale."""
+    zero = np.asarray(a, np.float32) / np.float32(127.0) < np.finfo(np.float32).tiny
+    if not zero.any() or r.block:
+        return a
+    if label in _UNIT_INT8_RULES:
+        return np.where(zero, np.float32(127.0), a).astype(np.float32)  # INT8 scale 1.0
+    raise NotReplayable(f"'{name}': amax 0, and rule {label} has no scale for it that Model Optimizer is known to give")
+
+
 def make_values(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, float],
                 names: Renamer | None) -> dict[str, TensorProto]:
     """Every initializer of the template's result, made by its rule from one layer's fp32 weights
@@ -367,7 +383,7 @@ def make_values(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, f
             if qt not in tpl.divisors:
                 raise NotReplayable(f"no amax rule fitted for {TensorProto.DataType.Name(qt)}")
             dt = helper.tensor_dtype_to_np_dtype(t.data_type).type
-            s = _DIVISORS[qt][tpl.divisors[qt]](amaxes[name], dt)
+            s = _DIVISORS[qt][tpl.divisors[qt]](_zero_amax(amaxes[name], tpl.divisors[qt], r, name), dt)
             if r.block:
                 s = np.clip(s, dt(_CLIP_MIN), None)
             out[name] = _tensor(name, s, t.data_type)
