@@ -107,3 +107,16 @@ def test_a_replay_with_a_few_wrong_fp8_weights_is_caught(tmp_path, tiny_cfg, mon
     monkeypatch.setattr(rp, "make_values", flip)
     _, d = _quantize(cfg, src, feeds, tmp_path, "fp8", True, "bad")
     assert d["replayed_slices"] == 0 and "replayed from layers.1" in d.get("replay_off", ""), d
+
+
+def test_a_nan_scale_is_not_within_tolerance():
+    """``_close`` compared |a - b| > rtol |b|, which is False for a NaN: a NaN scale (an activation amax
+    taken over NaN values) passed as Model Optimizer's."""
+    from onnx import TensorProto
+
+    from emma_export.quantize import replay as rp
+
+    want = rp._tensor("s", np.array([0.5, 0.25], np.float16), TensorProto.FLOAT16)
+    for kind in ("weight_scale", "act_scale"):
+        assert rp._close(kind, rp._tensor("s", np.array([0.5, 0.25], np.float16), TensorProto.FLOAT16), want) is None
+        assert rp._close(kind, rp._tensor("s", np.array([np.nan, 0.25], np.float16), TensorProto.FLOAT16), want) is not None

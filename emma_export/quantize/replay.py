@@ -330,7 +330,7 @@ def fit(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, float]) -
                 dt = helper.tensor_dtype_to_np_dtype(q_inits[n].data_type).type
                 mine = f(got[n], dt).astype(np.float64)
                 rtol = _SCALE_RTOL if tpl.rules[n].kind == "weight_scale" else _ACT_RTOL
-                if np.any(np.abs(mine - want) > rtol * np.abs(want)):
+                if not np.all(np.abs(mine - want) <= rtol * np.abs(want)):  # NaN: no fit
                     ok = False
                     break
             if ok:
@@ -409,7 +409,7 @@ def _close(kind: str, got: TensorProto, want: TensorProto) -> str | None:
     if kind in ("weight_scale", "act_scale"):
         a, b = a.astype(np.float64), b.astype(np.float64)
         rtol = _SCALE_RTOL if kind == "weight_scale" else _ACT_RTOL
-        bad = np.abs(a - b) > rtol * np.abs(b)
+        bad = ~(np.abs(a - b) <= rtol * np.abs(b))  # a NaN on either side is off, not within tolerance
         return f"{int(bad.sum())} of {a.size} values off by more than {rtol:g} relative (max {np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)):.3g})" if bad.any() else None
     if kind == "weight":
         # a value on a rounding tie may go either way when the scale differs by an fp16 ulp: at most
