@@ -379,6 +379,15 @@ def stage_calibrate(req: BuildRequest, bundle, ref: _Reference, echo) -> dict:
         feeds = load_dir(req.calibration)
         if not feeds:
             raise BuildError(f"{req.calibration}: no calibration .npz files")
+        # the check a capture made here gets: a folder left by a killed capture (emma4b.sh reuses one
+        # when backbone_und.npz exists) would quantize the components it lacks without feeds
+        from .config import EMMAConfig
+        from .quantize.calibrate import check_complete
+
+        try:
+            check_complete(EMMAConfig.from_dict(bundle.manifest.config), feeds, bundle.manifest.tasks)
+        except ValueError as e:
+            raise BuildError(f"{req.calibration}: {e} (an interrupted `emma-export calibrate`? capture it again)") from None
         return feeds
     model = ref.get(bundle)
     if echo:

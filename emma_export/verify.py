@@ -3,6 +3,7 @@ per pipeline through the runtime."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -70,9 +71,20 @@ class VerifyReport:
 
 
 def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
+    """inf, never NaN, when either side holds a NaN or inf: every caller keeps the worst figure with
+    ``max``, and ``max(0.0, nan)`` is 0.0, so a NaN output would pass as exact."""
     a = a.astype(np.float64)
     b = b.astype(np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+    v = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+    return v if math.isfinite(v) else math.inf
+
+
+def max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    """The largest absolute difference; inf when either side is not finite (as ``rel_l2``)."""
+    if not a.size:
+        return 0.0
+    v = float(np.abs(a.astype(np.float64) - b).max())
+    return v if math.isfinite(v) else math.inf
 
 
 def reference_model(bundle: Bundle, checkpoint: str | None = None):
@@ -187,7 +199,7 @@ def verify_components(bundle: Bundle, model, names: list[str] | None = None, pro
             for spec, g, r in pairs:
                 if g.shape != r.shape:
                     raise AssertionError(f"{comp.name}: output '{spec.name}' has shape {g.shape}, reference {r.shape} at {dims}")
-                worst_abs = max(worst_abs, float(np.abs(g.astype(np.float64) - r).max()) if r.size else 0.0)
+                worst_abs = max(worst_abs, max_abs(g, r))
                 worst_rel = max(worst_rel, rel_l2(g, r) if r.size else 0.0)
             shapes.append(dims)
         out[comp.name] = ComponentResult(worst_abs, worst_rel, tol, worst_rel <= tol, shapes, info.precision, "real" if real else "random", how)
@@ -218,7 +230,7 @@ def _verify_layers(comp, cfg, module, info, kv, cases: list[dict], sliced, tol: 
             if a.shape != r[n].shape:
                 raise AssertionError(f"{comp.name}: output '{n}' has shape {a.shape}, reference {r[n].shape}")
             if r[n].size:
-                worst_abs = max(worst_abs, float(np.abs(a.astype(np.float64) - r[n]).max()))
+                worst_abs = max(worst_abs, max_abs(a, r[n]))
                 prop = max(prop, rel_l2(a, r[n]))
     w = tf.worst()
     if w is None:

@@ -72,8 +72,11 @@ if [ "$RANDOM_WEIGHTS" = 0 ] && [ ! -d "$OUT/checkpoint" ]; then
 fi
 
 # 2. one calibration capture for both builds (the same reference, the same recipe)
+# (into calib.tmp, renamed when complete: a killed capture must not leave a folder taken as done)
 if [ ! -f "$OUT/calib/backbone_und.npz" ]; then
-  run "$TIME" -v -o "$OUT/time-calibrate.txt" "${EXPORT[@]}" calibrate --config "$CONFIG" "${WEIGHTS[@]}" --recipe scale --out "$OUT/calib"
+  run rm -rf "$OUT/calib.tmp"
+  run "$TIME" -v -o "$OUT/time-calibrate.txt" "${EXPORT[@]}" calibrate --config "$CONFIG" "${WEIGHTS[@]}" --recipe scale --out "$OUT/calib.tmp"
+  run mv "$OUT/calib.tmp" "$OUT/calib"
 fi
 
 # 3. the two builds, each with its plan (the weight estimate the bundle is held to)

@@ -283,3 +283,36 @@ def test_sliced_verify_names_the_layer_a_small_bug_is_in(streamed_bundle, tmp_pa
     # layer 2 on the reference's input is exact again: the bug does not leak into the layers after it
     assert r.layers[2]["hidden"] < 1e-5 and r.propagated_rel_l2 > r.layers[2]["hidden"], r.layers
     assert "worst layers.1" in r.note and "through all layers" in r.note
+
+
+def test_sliced_verify_fails_on_a_layer_that_makes_nan(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """Review: a layer whose output is NaN must fail the layer-by-layer verdict. rel_l2 of a NaN output is
+    NaN, and ``max(0.0, nan)`` is 0.0 in Python: the worst-so-far kept 0.0 and the layer passed."""
+    import json
+    import shutil
+
+    from onnx import numpy_helper
+
+    from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
+
+    from emma_export.verify import verify_components
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    bad = tmp_path / "bad"
+    shutil.copytree(streamed_bundle, bad)
+    g = bad / "backbone_und.onnx"
+    m = onnx.load(str(g))  # with its weights: written back whole below
+    t = next(t for t in m.graph.initializer if "/layers.1/self_attn/o_proj/" in t.name or "layers.1.self_attn.o_proj" in t.name)
+    w = numpy_helper.to_array(t).copy()
+    w[0, 0] = np.nan  # one weight: every row of layer 1's residual output goes NaN
+    t.CopyFrom(numpy_helper.from_array(w, t.name))
+    for f in bad.glob("backbone_und.onnx*.data"):
+        f.unlink()
+    onnx.save(m, str(g))
+    man = json.loads((bad / MANIFEST).read_text())
+    c = man["components"]["backbone_und"]
+    c["sha256"], c["data_files"] = sha256_file(g), []
+    (bad / MANIFEST).write_text(json.dumps(man))
+    r = verify_components(Bundle.load(bad), tiny_reference, names=["backbone_und"])["backbone_und"]
+    assert not r.passed, (r.rel_l2, r.propagated_rel_l2, r.layers)
+    assert not (r.layers[1]["hidden"] < 1.0), r.layers

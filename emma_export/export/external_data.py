@@ -147,12 +147,18 @@ def load_graph(path: str | Path) -> onnx.ModelProto:
 def copy_graph(src: str | Path, dst: str | Path) -> list[str]:
     """Copies a graph and every external file it references (same relative names) to ``dst``'s
     folder; returns those names. The bytes are unchanged."""
+    from emma_runtime.paths import confined
+
     src, dst = Path(src), Path(dst)
     files = referenced_files(onnx.load(str(src), load_external_data=False))
+    # a location is read from the graph file (a source bundle's manifest only hashes it): a plain
+    # name inside the graph's folder, or '../x' would be read from beside it and written beside dst
+    found = [confined(src.parent, f, f"external data of {src.name}") for f in files]
     dst.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, dst)
-    for f in files:
-        shutil.copyfile(src.parent / f, dst.parent / f)
+    for f, real in zip(files, found):
+        (dst.parent / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(real, dst.parent / f)
     return files
 
 

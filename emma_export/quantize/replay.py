@@ -44,6 +44,10 @@ _DIVISORS = {
     TensorProto.INT8: {"amax/127": lambda a, dt: (a / np.float32(127.0)).astype(dt)},
     TensorProto.INT4: {"amax/7": lambda a, dt: (a / np.float32(7.0)).astype(dt)},
 }
+# Model Optimizer's INT8 calibration (ONNX Runtime's ``compute_scale_zp``) makes a scale of 1.0 where
+# amax / 127 is below float32's smallest normal (an all-zero weight channel or activation); its FP8
+# starts from that INT8 scale. The rules below would give 0, and 0 / 0 quantizes to NaN.
+_UNIT_INT8_RULES = ("(amax/127)*448/127", "amax/127")
 _RENAMED = "_QuantizeLinear_Input"  # Model Optimizer's name for a graph output it quantizes
 _CLIP_MIN = 1e-5  # Model Optimizer's floor on a block scale (int4 ``find_scales``)
 _SCALE_RTOL = 2e-3  # two fp16 ulps: a scale stored in fp16 may round either way
@@ -326,7 +330,7 @@ def fit(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, float]) -
                 dt = helper.tensor_dtype_to_np_dtype(q_inits[n].data_type).type
                 mine = f(got[n], dt).astype(np.float64)
                 rtol = _SCALE_RTOL if tpl.rules[n].kind == "weight_scale" else _ACT_RTOL
-                if np.any(np.abs(mine - want) > rtol * np.abs(want)):
+                if not np.all(np.abs(mine - want) <= rtol * np.abs(want)):  # NaN: no fit
                     ok = False
                     break
             if ok:
@@ -344,6 +348,18 @@ def fit(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, float]) -
             values = make_values(tpl, weights, amax, None)
             if all(_close("weight", values[n], q_inits[n]) is None for n in weights_q):
                 break
+
+
+def _zero_amax(a: np.ndarray, label: str, r: Rule, name: str) -> np.ndarray:
+    """``a`` with a zero amax made what Model Optimizer takes for it (``_UNIT_INT8_RULES``); a block
+    scale is floored after the rule instead (``_CLIP_MIN``). Any other rule: NotReplayable (the
+    layer goes through Model Optimizer), not a zero scale."""
+    zero = np.asarray(a, np.float32) / np.float32(127.0) < np.finfo(np.float32).tiny
+    if not zero.any() or r.block:
+        return a
+    if label in _UNIT_INT8_RULES:
+        return np.where(zero, np.float32(127.0), a).astype(np.float32)  # INT8 scale 1.0
+    raise NotReplayable(f"'{name}': amax 0, and rule {label} has no scale for it that Model Optimizer is known to give")
 
 
 def make_values(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, float],
@@ -367,7 +383,7 @@ def make_values(tpl: Template, weights: dict[str, np.ndarray], amax: dict[str, f
             if qt not in tpl.divisors:
                 raise NotReplayable(f"no amax rule fitted for {TensorProto.DataType.Name(qt)}")
             dt = helper.tensor_dtype_to_np_dtype(t.data_type).type
-            s = _DIVISORS[qt][tpl.divisors[qt]](amaxes[name], dt)
+            s = _DIVISORS[qt][tpl.divisors[qt]](_zero_amax(amaxes[name], tpl.divisors[qt], r, name), dt)
             if r.block:
                 s = np.clip(s, dt(_CLIP_MIN), None)
             out[name] = _tensor(name, s, t.data_type)
@@ -393,19 +409,32 @@ def _close(kind: str, got: TensorProto, want: TensorProto) -> str | None:
     if kind in ("weight_scale", "act_scale"):
         a, b = a.astype(np.float64), b.astype(np.float64)
         rtol = _SCALE_RTOL if kind == "weight_scale" else _ACT_RTOL
-        bad = np.abs(a - b) > rtol * np.abs(b)
+        bad = ~(np.abs(a - b) <= rtol * np.abs(b))  # a NaN on either side is off, not within tolerance
         return f"{int(bad.sum())} of {a.size} values off by more than {rtol:g} relative (max {np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-30)):.3g})" if bad.any() else None
     if kind == "weight":
-        a, b = a.astype(np.float64), b.astype(np.float64)
-        # a value on a rounding tie may go either way when the scale differs by an fp16 ulp
+        # a value on a rounding tie may go either way when the scale differs by an fp16 ulp: at most
+        # 0.1% of the values, each the neighbouring value of its type (one integer step; for FP8 the
+        # next code of the same sign, NaN never), no further
+        if got.data_type == TensorProto.FLOAT8E4M3FN:
+            a, b = _fp8_ordinal(got), _fp8_ordinal(want)
+        else:
+            a, b = a.astype(np.int64), b.astype(np.int64)
         off = a != b
-        step = np.abs(a - b)
-        if off.mean() > 1e-3 or (kind == "weight" and got.data_type != TensorProto.FLOAT8E4M3FN and step.max() > 1):
-            return f"{int(off.sum())} of {a.size} quantized values differ"
+        if off.mean() > 1e-3 or (off.any() and np.abs(a - b).max() > 1):
+            return f"{int(off.sum())} of {a.size} quantized values differ (at most {int(np.abs(a - b).max())} steps)"
         return None
     if a.tobytes() != b.tobytes():
         return "values differ"
     return None
+
+
+def _fp8_ordinal(t: TensorProto) -> np.ndarray:
+    """FP8 E4M3FN codes as integers in value order (+0 and -0 both 0, neighbours one apart); a NaN code
+    far from every value, so it matches only another NaN."""
+    u = np.frombuffer(t.raw_data, np.uint8).astype(np.int64) if t.raw_data else _array(t).view(np.uint8).astype(np.int64)
+    mag, neg = u & 0x7F, u >= 0x80
+    out = np.where(neg, -mag, mag)
+    return np.where(mag == 0x7F, 1 << 20, out).reshape(tuple(t.dims))
 
 
 def _node_key(n: onnx.NodeProto) -> tuple:

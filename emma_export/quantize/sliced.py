@@ -108,7 +108,14 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
                 names = rp.Renamer(st, ids, nodes, k)
                 acts = st.activations_for(ids)
                 outs = run(s, model, ins, acts)
-                values = rp.make_values(st, rp.weights_of(model), rp.amax_of(outs, acts), names)
+                try:
+                    values = rp.make_values(st, rp.weights_of(model), rp.amax_of(outs, acts), names)
+                except rp.NotReplayable as e:  # this layer only (an all-zero weight): Model Optimizer's
+                    if progress:
+                        progress(f"{src.name}: {s.name} not replayed: {e}")
+                    modelopt(s, model, ins)
+                    replayer.modelopt += 1
+                    return outs
                 b = Path(td) / f"{s.name}.onnx"
                 external_data.save_graph(rp.replay(st, names, values), b, limit=external_data.DEFAULT_THRESHOLD)
                 parts.append((s, b))
