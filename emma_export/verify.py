@@ -235,6 +235,11 @@ def _verify_layers(comp, cfg, module, info, kv, cases: list[dict], sliced, tol: 
     w = tf.worst()
     if w is None:
         raise AssertionError(f"{comp.name}: no decoder layer slice was run ({how})")
+    # a layer whose nodes the slicer did not scope as /layers.N/ would run inside another slice and never
+    # be judged on its own: every layer the reference ran must have a verdict
+    unjudged = sorted(set(range(len(layer_out[0]))) - set(tf.errors))
+    if unjudged:
+        raise AssertionError(f"{comp.name}: decoder layers {unjudged} of {len(layer_out[0])} have no slice of their own in the graph ({how})")
     note = (f"{how}; verdict: each of its {len(tf.errors)} layers on the reference's input to it (worst layers.{w.layer}: "
             f"hidden {w.hidden:.3g}, keys/values {w.kv:.3g}); output through all layers: rel L2 {prop:.3g}")
     # on stderr as it is found: a sliced check is the longest part of an emma-4b verify, and a build's

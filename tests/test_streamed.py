@@ -246,29 +246,19 @@ def test_a_graph_past_the_quantization_threshold_is_quantized_layer_by_layer(tmp
     assert apply_plan(p, src, tmp_path / "b" / "g.onnx", feeds, 8)["slices"] == len(SlicedGraph(src).slices) > 2
 
 
-def test_sliced_verify_names_the_layer_a_small_bug_is_in(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
-    """A graph checked slice by slice is judged layer by layer on the reference's input to each layer
-    (emma_export.layer_parity): one layer's output projection 10% too large fails, the report names
-    that layer, the layers before and after it stay exact, and the output through all layers is reported."""
+def _edited_backbone(streamed_bundle, tmp_path, edit):
+    """A copy of the streamed bundle whose backbone_und graph ``edit(model)`` changed, weights inline
+    and the manifest's checksum rewritten (the bundle a careless or hostile edit would leave)."""
     import json
     import shutil
 
-    from onnx import numpy_helper
-
     from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
 
-    from emma_export.verify import verify_components
-
-    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
-    ok = verify_components(Bundle.load(streamed_bundle), tiny_reference, names=["backbone_und"])["backbone_und"]
-    assert ok.passed and ok.propagated_rel_l2 is not None and ok.propagated_rel_l2 < 1e-5
-    assert [e["layer"] for e in ok.layers] == list(range(tiny_reference.cfg.llm.num_hidden_layers))
     bad = tmp_path / "bad"
     shutil.copytree(streamed_bundle, bad)
     g = bad / "backbone_und.onnx"
     m = onnx.load(str(g))  # with its weights: written back whole below
-    t = next(t for t in m.graph.initializer if "/layers.1/self_attn/o_proj/" in t.name or "layers.1.self_attn.o_proj" in t.name)
-    t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.1), t.name))
+    edit(m)
     for f in bad.glob("backbone_und.onnx*.data"):
         f.unlink()
     onnx.save(m, str(g))
@@ -276,7 +266,34 @@ def test_sliced_verify_names_the_layer_a_small_bug_is_in(streamed_bundle, tmp_pa
     c = man["components"]["backbone_und"]
     c["sha256"], c["data_files"] = sha256_file(g), []
     (bad / MANIFEST).write_text(json.dumps(man))
-    r = verify_components(Bundle.load(bad), tiny_reference, names=["backbone_und"])["backbone_und"]
+    return Bundle.load(bad)
+
+
+def _o_proj(m, layer: int):
+    return next(t for t in m.graph.initializer
+                if f"/layers.{layer}/self_attn/o_proj/" in t.name or f"layers.{layer}.self_attn.o_proj" in t.name)
+
+
+def test_sliced_verify_names_the_layer_a_small_bug_is_in(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """A graph checked slice by slice is judged layer by layer on the reference's input to each layer
+    (emma_export.layer_parity): one layer's output projection 10% too large fails, the report names
+    that layer, the layers before and after it stay exact, and the output through all layers is reported."""
+    from onnx import numpy_helper
+
+    from emma_runtime.bundle import Bundle
+
+    from emma_export.verify import verify_components
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    ok = verify_components(Bundle.load(streamed_bundle), tiny_reference, names=["backbone_und"])["backbone_und"]
+    assert ok.passed and ok.propagated_rel_l2 is not None and ok.propagated_rel_l2 < 1e-5
+    assert [e["layer"] for e in ok.layers] == list(range(tiny_reference.cfg.llm.num_hidden_layers))
+
+    def larger(m):
+        t = _o_proj(m, 1)
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * np.float32(1.1), t.name))
+
+    r = verify_components(_edited_backbone(streamed_bundle, tmp_path, larger), tiny_reference, names=["backbone_und"])["backbone_und"]
     assert not r.passed, r
     worst = max(r.layers, key=lambda e: max(e["hidden"], e["kv"]))
     assert worst["layer"] == 1 and r.layers[0]["hidden"] < 1e-5, r.layers
@@ -288,31 +305,34 @@ def test_sliced_verify_names_the_layer_a_small_bug_is_in(streamed_bundle, tmp_pa
 def test_sliced_verify_fails_on_a_layer_that_makes_nan(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
     """Review: a layer whose output is NaN must fail the layer-by-layer verdict. rel_l2 of a NaN output is
     NaN, and ``max(0.0, nan)`` is 0.0 in Python: the worst-so-far kept 0.0 and the layer passed."""
-    import json
-    import shutil
-
     from onnx import numpy_helper
-
-    from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
 
     from emma_export.verify import verify_components
 
     monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
-    bad = tmp_path / "bad"
-    shutil.copytree(streamed_bundle, bad)
-    g = bad / "backbone_und.onnx"
-    m = onnx.load(str(g))  # with its weights: written back whole below
-    t = next(t for t in m.graph.initializer if "/layers.1/self_attn/o_proj/" in t.name or "layers.1.self_attn.o_proj" in t.name)
-    w = numpy_helper.to_array(t).copy()
-    w[0, 0] = np.nan  # one weight: every row of layer 1's residual output goes NaN
-    t.CopyFrom(numpy_helper.from_array(w, t.name))
-    for f in bad.glob("backbone_und.onnx*.data"):
-        f.unlink()
-    onnx.save(m, str(g))
-    man = json.loads((bad / MANIFEST).read_text())
-    c = man["components"]["backbone_und"]
-    c["sha256"], c["data_files"] = sha256_file(g), []
-    (bad / MANIFEST).write_text(json.dumps(man))
-    r = verify_components(Bundle.load(bad), tiny_reference, names=["backbone_und"])["backbone_und"]
+
+    def nan(m):
+        t = _o_proj(m, 1)
+        w = numpy_helper.to_array(t).copy()
+        w[0, 0] = np.nan  # one weight: every row of layer 1's residual output goes NaN
+        t.CopyFrom(numpy_helper.from_array(w, t.name))
+
+    r = verify_components(_edited_backbone(streamed_bundle, tmp_path, nan), tiny_reference, names=["backbone_und"])["backbone_und"]
     assert not r.passed, (r.rel_l2, r.propagated_rel_l2, r.layers)
     assert not (r.layers[1]["hidden"] < 1.0), r.layers
+
+
+def test_sliced_verify_judges_every_layer_of_the_reference(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """A layer whose nodes are scoped as another layer's runs inside that layer's slice and gets no
+    verdict of its own: verify must not pass a graph with an unjudged layer."""
+    from emma_export.verify import verify_components
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+
+    def merge_layer_1_into_0(m):
+        for n in m.graph.node:
+            n.name = n.name.replace("/layers.1/", "/layers.0/from_1_")  # unique, scoped as layer 0
+
+    bad = _edited_backbone(streamed_bundle, tmp_path, merge_layer_1_into_0)
+    with pytest.raises(AssertionError, match=r"backbone_und: decoder layers \[1\] of \d+ have no slice of their own"):
+        verify_components(bad, tiny_reference, names=["backbone_und"])
