@@ -338,3 +338,22 @@ def test_fp16_of_a_graph_with_external_data_streams_its_weights(tmp_path, tiny_b
             outs.append(ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feed)[0])
         assert tables[0] == tables[1] and any(len(v) > 1000 for v in tables[0].values())
         assert outs[0].dtype == np.float32 and np.array_equal(outs[0], outs[1]), name
+
+
+def test_an_incomplete_calibration_folder_fails_the_build(tmp_path, tiny_bundle, tiny_cfg):
+    """A calibration folder given to the build (``--calibration``: emma4b.sh passes one to both builds)
+    is held to the completeness check a capture made in the build gets. emma4b.sh skips the capture when backbone_und.npz exists; a capture killed after writing some
+    files leaves such a folder. Loaded as it was, every component without a file was quantized with no
+    feeds: an fp16 graph silently without its overflow check (``apply_plan``: sample None)."""
+    from emma_runtime.bundle import Bundle
+
+    from emma_export.build import BuildError, BuildRequest, stage_calibrate
+    from emma_export.components import get_component
+    from emma_export.quantize.calibrate import save
+
+    comp = get_component(tiny_cfg, "backbone_und", "standard")
+    feed = comp.sample_inputs(tiny_cfg, comp.verify_dims(tiny_cfg)[0], np.random.default_rng(0))
+    save({"backbone_und": [feed]}, tmp_path / "calib")
+    req = BuildRequest(out=tmp_path / "B", calibration=tmp_path / "calib")
+    with pytest.raises(BuildError, match="captured nothing for"):
+        stage_calibrate(req, Bundle.load(tiny_bundle), None, None)

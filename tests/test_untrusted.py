@@ -590,3 +590,29 @@ def test_checking_a_bundle_hashes_in_chunks_and_still_catches_a_flipped_byte(tmp
     g.write_bytes(bytes(data))
     with pytest.raises(bmod.BundleError, match="sha256 mismatch"):
         bmod.Bundle.load(bad)
+
+
+def test_copy_graph_copies_no_file_from_outside_the_graphs_folder(tmp_path):
+    """A graph's external-data location is read from the graph file, which a bundle's manifest only
+    hashes (quantize_bundle copies every component with ``copy_graph``): '../secret.data' was read from
+    beside the bundle and written beside the copy. It must stop with an error naming the location."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from emma_export.export.external_data import copy_graph, set_external
+
+    (tmp_path / "secret.data").write_bytes(b"\x00" * 4096)
+    src = tmp_path / "bundle" / "g.onnx"
+    src.parent.mkdir()
+    w = TensorProto()
+    w.name, w.data_type = "w", TensorProto.FLOAT
+    w.dims.extend([32, 32])
+    set_external(w, "../secret.data", 0, 4096)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
+    src.write_bytes(helper.make_model(g).SerializeToString())
+    dst = tmp_path / "work" / "sub" / "g.onnx"
+    with pytest.raises(ValueError, match=r"\.\./secret\.data"):
+        copy_graph(src, dst)
+    assert not (tmp_path / "work" / "secret.data").exists()
