@@ -357,3 +357,23 @@ def test_an_incomplete_calibration_folder_fails_the_build(tmp_path, tiny_bundle,
     req = BuildRequest(out=tmp_path / "B", calibration=tmp_path / "calib")
     with pytest.raises(BuildError, match="captured nothing for"):
         stage_calibrate(req, Bundle.load(tiny_bundle), None, None)
+
+
+def test_the_overflow_check_keeps_a_node_that_makes_nan_in_fp32(tmp_path):
+    """The fp16 pass keeps in fp32 what overflows on real feeds; a NaN is the worst case of that and
+    was dropped by ``max(0.0, nan)``, which is 0.0."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from emma_export.quantize.fp16 import overflowing_nodes
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    g = helper.make_graph([helper.make_node("Sqrt", ["x"], ["r"], name="root"), helper.make_node("Relu", ["r"], ["y"], name="relu")],
+                          "g", [x], [y])
+    path = tmp_path / "g.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    calm = {"x": np.full((1, 4), 4.0, np.float32)}
+    assert overflowing_nodes(path, [calm]) == []
+    # NaN first: the running max starts from it (the order in which the bug hid it)
+    assert set(overflowing_nodes(path, [{"x": np.full((1, 4), -1.0, np.float32)}, calm])) == {"root", "relu"}

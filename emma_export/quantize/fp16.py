@@ -35,6 +35,13 @@ def _match(name: str, patterns) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
+def _peak(so_far: float, a: np.ndarray) -> float:
+    """The largest magnitude seen, inf once any value is not finite: ``max(0.0, nan)`` is 0.0 in Python,
+    so a NaN would otherwise hide the tensor from the check."""
+    m = float(np.abs(a).max())
+    return max(so_far, m) if np.isfinite(m) else float("inf")
+
+
 def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW_THRESHOLD, max_feeds: int = 8) -> list[str]:
     """Nodes of the fp32 graph whose float inputs or outputs exceed ``threshold`` on ``feeds``."""
     import onnxruntime as ort
@@ -64,12 +71,12 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
         outs = sess.run(None, {k: v for k, v in f.items() if k in input_names})
         for n, v in zip(names, outs):
             if isinstance(v, np.ndarray) and v.dtype == np.float32 and v.size:
-                peak[n] = max(peak.get(n, 0.0), float(np.abs(v).max()))
+                peak[n] = _peak(peak.get(n, 0.0), v)
     for i in m.graph.input:
         if i.name in input_names and i.name not in init:
             for f in feeds[:max_feeds]:
                 if i.name in f and f[i.name].dtype == np.float32 and f[i.name].size:
-                    peak[i.name] = max(peak.get(i.name, 0.0), float(np.abs(f[i.name]).max()))
+                    peak[i.name] = _peak(peak.get(i.name, 0.0), f[i.name])
     hot = {n for n, v in peak.items() if not np.isfinite(v) or v > threshold}
     return [node.name for node in m.graph.node if hot & (set(node.input) | set(node.output))]
 
