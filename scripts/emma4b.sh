@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # EMMA-4B end to end (issue 23): synthetic emma-4b-sized upstream folders (Qwen3, SigLIP, DC-AE; random
 # tensors streamed into sharded safetensors, scripts/make_tiny_upstream.py --synthetic), `emma-export
-# init` into an EMMA checkpoint, then the two builds the issue asks for, each under /usr/bin/time -v:
+# init` into an EMMA checkpoint, then the two builds the issue asks for and the fp16 baseline of its
+# table, each under /usr/bin/time -v:
 #
 #   emma-export build --config emma-4b --checkpoint CKPT --precision fp8   --target h100        --out B
 #   emma-export build --config emma-4b --checkpoint CKPT --precision int4w --target jetson-orin --out B
+#   emma-export build --config emma-4b --checkpoint CKPT --precision fp16  --target h100        --out B
 #
 # then TensorRT-RTX engines of each bundle (`emma-export engines --target rtx-ada`, builder peak RSS per
 # component in the manifest), and the table (scripts/scale_table.py): per-stage wall time, peak RSS, bundle bytes against `plan`,
@@ -16,9 +18,10 @@
 #   bash scripts/emma4b.sh --random-weights   # seeded weights: no upstream folders, no checkpoint
 #                                             # (saves ~45 GB of disk and the init)
 #   EMMA4B_OUT=/big/disk bash scripts/emma4b.sh   # where to write (emma-4b needs ~80 GB of disk)
+#   bash scripts/emma4b.sh --builds "fp8 int4w"  # which builds, in order (default: fp8 int4w fp16)
 #   EMMA4B_ENGINE_TARGET=rtx-blackwell ...      # the TensorRT-RTX target of the engines (default rtx-ada)
 #
-# Both builds take one calibration capture, made first with the short "scale" recipe (about 25
+# Every build takes one calibration capture, made first with the short "scale" recipe (about 25
 # reference backbone calls: the reference reads each layer's weights on every call,
 # emma_export/streamed_reference.py; 12.5 min at emma-4b). Extra build flags go through
 # EMMA4B_BUILD_FLAGS (default "--calib-samples 16").
@@ -28,15 +31,23 @@ cd "$(dirname "$0")/.."
 CONFIG=emma-4b
 DRY=0
 RANDOM_WEIGHTS=0
+BUILDS="fp8 int4w fp16"
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --config) CONFIG="$2"; shift ;;
     --random-weights) RANDOM_WEIGHTS=1 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
-    *) echo "error: unknown argument '$1' (--dry-run, --config NAME, --random-weights)" >&2; exit 2 ;;
+    --builds) BUILDS="$2"; shift ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    *) echo "error: unknown argument '$1' (--dry-run, --config NAME, --random-weights, --builds LIST)" >&2; exit 2 ;;
   esac
   shift
+done
+for b in $BUILDS; do
+  case "$b" in
+    fp8|int4w|fp16) ;;
+    *) echo "error: --builds: unknown build '$b' (choose from fp8 int4w fp16)" >&2; exit 2 ;;
+  esac
 done
 
 OUT="${EMMA4B_OUT:-out/emma4b}/$CONFIG"
@@ -101,12 +112,18 @@ build() {  # precision target [extra build flags]
       || echo "engines $p $ENGINE_TARGET exited $? (see $d/time-engines.txt)"
   fi
 }
-build fp8 h100
-# the Orin (16 GB) fits emma-4b int4w at 8192 tokens of context only with an 8-bit KV cache (plan)
-build int4w jetson-orin --kv-cache int8
+RUNS=()
+for b in $BUILDS; do
+  case "$b" in
+    fp8) build fp8 h100; RUNS+=("$OUT/fp8-h100") ;;
+    # the Orin (16 GB) fits emma-4b int4w at 8192 tokens of context only with an 8-bit KV cache (plan)
+    int4w) build int4w jetson-orin --kv-cache int8; RUNS+=("$OUT/int4w-jetson-orin") ;;
+    fp16) build fp16 h100; RUNS+=("$OUT/fp16-h100") ;;
+  esac
+done
 
 # 4. the table
-run "$PY" scripts/scale_table.py "$OUT/fp8-h100" "$OUT/int4w-jetson-orin"
+run "$PY" scripts/scale_table.py "${RUNS[@]}"
 if [ "$DRY" = 0 ]; then
   for f in "$OUT"/time-*.txt; do
     [ -f "$f" ] && echo "$(basename "$f" .txt): $(grep -E 'Maximum resident|Elapsed' "$f" | tr -s ' ' | tr '\n' ' ')"

@@ -17,8 +17,9 @@ def test_the_two_builds_from_the_init_checkpoint():
     r = _dry()
     assert r.returncode == 0, r.stderr
     builds = [line for line in r.stdout.splitlines() if " build " in line]
-    assert len(builds) == 2 and all("--checkpoint" in b and "--config emma-4b" in b for b in builds)
+    assert len(builds) == 3 and all("--checkpoint" in b and "--config emma-4b" in b for b in builds)
     assert "--precision fp8 --target h100" in builds[0] and "--kv-cache int8" in builds[1]
+    assert "--precision fp16 --target h100" in builds[2]  # the table's baseline row
     assert "make_tiny_upstream.py" in r.stdout and " init " in r.stdout
 
 
@@ -26,7 +27,19 @@ def test_random_weights_skip_the_upstream_folders_and_the_checkpoint():
     r = _dry("--random-weights")
     assert r.returncode == 0, r.stderr
     assert "--checkpoint" not in r.stdout and "make_tiny_upstream.py" not in r.stdout and " init " not in r.stdout
-    assert sum(" build " in line for line in r.stdout.splitlines()) == 2
+    assert sum(" build " in line for line in r.stdout.splitlines()) == 3
+
+
+def test_builds_picks_which_builds_run_and_the_table_has_their_rows():
+    r = _dry("--random-weights", "--builds", "int4w fp8")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    builds = [line for line in lines if " build " in line]
+    assert len(builds) == 2 and "--precision int4w" in builds[0] and "--precision fp8" in builds[1]
+    table = next(line for line in lines if "scale_table.py" in line)
+    assert table.endswith("out/emma4b/emma-4b/int4w-jetson-orin out/emma4b/emma-4b/fp8-h100")
+    bad = _dry("--builds", "fp8 int2")
+    assert bad.returncode == 2 and bad.stderr.strip() == "error: --builds: unknown build 'int2' (choose from fp8 int4w fp16)"
 
 
 def test_an_unknown_argument_is_one_line_and_exit_2():
@@ -38,7 +51,7 @@ def test_each_bundle_gets_tensorrt_rtx_engines_after_its_build():
     lines = _dry("--random-weights").stdout.splitlines()
     builds = [i for i, line in enumerate(lines) if " build " in line]
     engines = [i for i, line in enumerate(lines) if " engines " in line]
-    assert len(engines) == 2 and builds[0] < engines[0] < builds[1] < engines[1]
+    assert len(engines) == 3 and builds[0] < engines[0] < builds[1] < engines[1] < builds[2] < engines[2]
     for i, d in zip(engines, ("fp8-h100", "int4w-jetson-orin")):
         assert f"--bundle out/emma4b/emma-4b/{d}/bundle --target rtx-ada" in lines[i] and "time-engines.txt" in lines[i]
 
