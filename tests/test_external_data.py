@@ -94,6 +94,34 @@ def test_export_writes_external_data_and_the_embedding_once(ext_bundle, tiny_ref
     assert all(r.passed for r in res.values()), res
 
 
+def test_the_shared_table_is_hashed_once_and_a_second_digest_for_it_fails(ext_bundle, tmp_path, monkeypatch):
+    """Two components list the tied table (1.56 GB at emma-4b): Bundle.load hashes it once. Listed
+    with two different digests, it is still checked against both, so the load fails."""
+    import json
+    import shutil
+
+    from emma_export.export.tied_embedding import TIED_FILE
+    from emma_runtime import bundle as bundle_mod
+    from emma_runtime.bundle import MANIFEST, Bundle, BundleError
+
+    real, seen = bundle_mod.sha256_regular, []
+
+    def counting(path, *a, **k):
+        seen.append(path.name)
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(bundle_mod, "sha256_regular", counting)
+    Bundle.load(ext_bundle)
+    assert seen.count(TIED_FILE) == 1 and len(seen) == len(set(seen)), seen
+    bad = tmp_path / "bad"
+    shutil.copytree(ext_bundle, bad)
+    man = json.loads((bad / MANIFEST).read_text())
+    man["components"]["lm_head"]["data_files"] = [[TIED_FILE, "0" * 64]]
+    (bad / MANIFEST).write_text(json.dumps(man))
+    with pytest.raises(BundleError, match=TIED_FILE):
+        Bundle.load(bad)
+
+
 @pytest.mark.parametrize("precision", ["int8", "fp8"])
 def test_quantized_external_bundle_verifies_and_runs(tmp_path, ext_bundle, small_calibration, precision):
     from emma_export.build import build

@@ -87,8 +87,8 @@ def tie(folder: str | Path, embed_file: str, head_file: str) -> bool:
     if target is None:
         return False
     raw = np.ascontiguousarray(t).tobytes()
-    # written new and renamed over: a bundle quantized from another shares its data files by hard
-    # link (build.stage_export), and writing into this one would write into the source's
+    # written new and renamed over, never in place: a reader holding the old file (a session, a copy
+    # made by hard link) keeps the bytes it checked
     tmp = folder / (TIED_FILE + ".tmp")
     tmp.write_bytes(raw)
     tmp.replace(folder / TIED_FILE)

@@ -208,7 +208,8 @@ def _plain_graph(src: Path, dst: Path) -> Path:
     if TIED_FILE in onnx_refs(src):
         m = load_graph(src)
         untie(m)
-        # the table in a file of its own: an embedding converts through a memory map (fp16.gather_table_fp16)
+        # the table in a file of its own: fp16 of a graph with external data streams its weights file to
+        # file (fp16._stream_weights) instead of holding the table several times over
         save_graph(m, dst, limit=0)
     else:
         copy_graph(src, dst)

@@ -438,7 +438,9 @@ class Manifest:
             out.extend(c.data_files)
             if c.engine:
                 out.append((c.engine.file, c.engine.sha256))
-        return out
+        # once each: the tied embedding's table (1.56 GB at emma-4b) is listed by two components; the
+        # same file with two digests stays twice, so one of them fails
+        return list(dict.fromkeys(out))
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict:
