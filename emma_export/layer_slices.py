@@ -15,7 +15,7 @@ parity measured through ``SliceRunner`` is the parity of the file itself.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,14 +158,20 @@ class SliceRunner:
     graph: SlicedGraph
     session: Callable[[bytes], object]  # serialized model -> an ONNX Runtime session
     on_slice: Callable[[Slice, onnx.ModelProto, list[Feed]], list[Feed] | None] | None = None
+    peak_bytes: int = 0  # the most bytes of values held between two slices, over every feed
 
-    def run(self, feeds: list[Feed], progress: Callable[[str], None] | None = None) -> list[Feed]:
+    def run(self, feeds: list[Feed], progress: Callable[[str], None] | None = None,
+            keep: Collection[str] | None = None) -> list[Feed]:
+        """The graph's outputs per feed. ``keep``: only these outputs (calibration needs none, and each
+        layer's keys and values kept to the end over every feed are an emma-4b cache's worth)."""
         slices = self.graph.slices
         last_use: dict[str, int] = {}
         for k, s in enumerate(slices):
             for i in s.inputs:
                 last_use[i] = k
         outputs = [o.name for o in self.graph.proto.graph.output]
+        if keep is not None:
+            outputs = [o for o in outputs if o in set(keep)]
         env = [dict(f) for f in feeds]
         for k, s in enumerate(slices):
             if progress:
@@ -180,7 +186,8 @@ class SliceRunner:
                 del sess
             for e, y in zip(env, got):
                 e.update({o: y[o] for o in s.outputs})
-            for e in env:  # what no later slice reads is dropped (graph outputs kept)
-                for name in [n for n in e if last_use.get(n, -1) <= k and n not in outputs and n in last_use]:
+            for e in env:  # what no later slice reads is dropped (the outputs asked for kept)
+                for name in [n for n in e if last_use.get(n, -1) <= k and n not in outputs]:
                     del e[name]
+            self.peak_bytes = max(self.peak_bytes, sum(a.nbytes for e in env for a in e.values() if hasattr(a, "nbytes")))
         return [{o: e[o] for o in outputs} for e in env]

@@ -73,6 +73,24 @@ def test_slice_runner_gives_the_whole_graphs_outputs(tiny_bundle, tiny_bundle_st
             np.testing.assert_array_equal(b_[k], a[k])
 
 
+def test_a_runner_asked_for_no_outputs_holds_no_layers_keys_and_values(tiny_bundle_standard, tiny_cfg):
+    """Calibration reads no graph output: each layer's keys and values, kept for every feed to the end,
+    are held for nothing (an emma-4b fp8 build was killed at 24 GB in its Gen backbone)."""
+    path = tiny_bundle_standard / "backbone_gen.onnx"
+    comp = get_component(tiny_cfg, "backbone_gen", "standard")
+    feeds = [comp.sample_inputs(tiny_cfg, d, np.random.default_rng(i)) for i, d in enumerate(comp.verify_dims(tiny_cfg)[:2])]
+    sg = SlicedGraph(path)
+    held = {}
+    for keep in (None, ()):
+        r = SliceRunner(sg, _cpu)
+        out = r.run(feeds, keep=keep)
+        held[keep] = r.peak_bytes
+    assert out == [{}, {}]
+    presents = sum(a.nbytes for f in _run_whole(path, feeds) for k, a in f.items() if k.startswith(("new_", "present_")))
+    # kept, every layer's keys and values are held at the end; not kept, less is ever held
+    assert held[None] >= presents > 0 and held[()] < held[None], (held, presents)
+
+
 def test_a_slice_that_reads_a_later_layer_is_refused():
     from onnx import TensorProto, helper
 

@@ -86,8 +86,10 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             parts.append((s, b))
             return b
 
-        def run(s: Slice, model: onnx.ModelProto, ins: list[Feed], extra: list[str]) -> list[Feed]:
-            """The slice's outputs and ``extra`` tensors per feed (one session, the model not copied)."""
+        def run(s: Slice, model: onnx.ModelProto, ins: list[Feed], extra: list[str]) -> tuple[list[Feed], dict[str, float]]:
+            """The slice's outputs per feed and the amax of each ``extra`` tensor over the feeds (one
+            session, the model not copied). The extras are reduced feed by feed: held for every feed
+            they are an emma-4b layer's activations 16 times over."""
             n = len(model.graph.output)
             model.graph.output.extend(sg.value_info(x) for x in extra if x not in s.outputs)
             try:
@@ -95,9 +97,18 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             finally:
                 del model.graph.output[n:]
             names = list(dict.fromkeys(s.outputs + extra))
-            return [dict(zip(names, sess.run(names, x))) for x in ins]
+            outs, amax = [], {}
+            for x in ins:
+                got = dict(zip(names, sess.run(names, x)))
+                for k, v in rp.amax_of([got], extra).items():
+                    amax[k] = max(amax.get(k, 0.0), v)
+                outs.append({o: got[o] for o in s.outputs})
+            return outs, amax
 
         def quantize(s: Slice, model: onnx.ModelProto, ins: list[Feed] | None):
+            from . import _give_back_memory
+
+            _give_back_memory()  # what the last slice's sessions and Model Optimizer freed
             k = rp.layer_index(s.name)
             if replayer is None or k is None:
                 modelopt(s, model, ins)
@@ -107,9 +118,9 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             if isinstance(st, rp.Template) and st.confirmed:
                 names = rp.Renamer(st, ids, nodes, k)
                 acts = st.activations_for(ids)
-                outs = run(s, model, ins, acts)
+                outs, amax = run(s, model, ins, acts)
                 try:
-                    values = rp.make_values(st, rp.weights_of(model), rp.amax_of(outs, acts), names)
+                    values = rp.make_values(st, rp.weights_of(model), amax, names)
                 except rp.NotReplayable as e:  # this layer only (an all-zero weight): Model Optimizer's
                     if progress:
                         progress(f"{src.name}: {s.name} not replayed: {e}")
@@ -130,8 +141,8 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             try:
                 if st is None:  # the template: its rules must give back its own values
                     tpl = rp.derive(model, q, k)
-                    outs = run(s, model, ins, tpl.activations)
-                    w, a = rp.weights_of(model), rp.amax_of(outs, tpl.activations)
+                    outs, a = run(s, model, ins, tpl.activations)
+                    w = rp.weights_of(model)
                     rp.fit(tpl, w, a)
                     names = rp.Renamer(tpl, ids, nodes, k)
                     rp.check(tpl, names, rp.replay(tpl, names, rp.make_values(tpl, w, a, names)), q, f"{s.name} (template)")
@@ -140,8 +151,8 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
                 else:  # the confirmation: the replay must give what Model Optimizer gave this layer
                     names = rp.Renamer(st, ids, nodes, k)
                     acts = st.activations_for(ids)
-                    outs = run(s, model, ins, acts)
-                    values = rp.make_values(st, rp.weights_of(model), rp.amax_of(outs, acts), names)
+                    outs, amax = run(s, model, ins, acts)
+                    values = rp.make_values(st, rp.weights_of(model), amax, names)
                     rp.check(st, names, rp.replay(st, names, values), q, f"{s.name} replayed from layers.{st.layer}")
                     st.confirmed = True
             except rp.NotReplayable as e:
@@ -151,7 +162,9 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             return outs
 
         if chosen:
-            SliceRunner(sg, _cpu_session, on_slice=quantize).run(chosen, progress=progress)
+            runner = SliceRunner(sg, _cpu_session, on_slice=quantize)
+            runner.run(chosen, progress=progress, keep=())  # the graph's own outputs are not needed here
+            details["held_bytes"] = runner.peak_bytes
             if fp16_after:
                 from . import int4_rest_fp16
 
