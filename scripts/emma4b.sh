@@ -24,7 +24,7 @@
 # Every build takes one calibration capture, made first with the short "scale" recipe (about 25
 # reference backbone calls: the reference reads each layer's weights on every call,
 # emma_export/streamed_reference.py; 12.5 min at emma-4b). Extra build flags go through
-# EMMA4B_BUILD_FLAGS (default "--calib-samples 16").
+# EMMA4B_BUILD_FLAGS (default "--calib-samples 8": run 4, with 16, was killed at 24 GB; docs/scale.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +56,7 @@ if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}"
 EXPORT=("$PY" -c "from emma_export.cli import main; main()")
 TIME=/usr/bin/time
-BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:---calib-samples 16})
+BUILD_FLAGS=(${EMMA4B_BUILD_FLAGS:---calib-samples 8})
 ENGINE_TARGET="${EMMA4B_ENGINE_TARGET:-rtx-ada}"
 
 run() {  # echo, then run unless --dry-run
