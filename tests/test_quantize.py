@@ -377,3 +377,31 @@ def test_the_overflow_check_keeps_a_node_that_makes_nan_in_fp32(tmp_path):
     assert overflowing_nodes(path, [calm]) == []
     # NaN first: the running max starts from it (the order in which the bug hid it)
     assert set(overflowing_nodes(path, [{"x": np.full((1, 4), -1.0, np.float32)}, calm])) == {"root", "relu"}
+
+
+def test_a_quantized_graph_with_an_inf_scale_is_named(tmp_path):
+    """Model Optimizer computes an FP8 scale in fp16 (its INT8 scale times 448/127): an activation amax
+    past about 18,500 gives inf, and every value through that node becomes NaN. The build names it."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from emma_export.quantize import nonfinite_scales
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+
+    def graph(scale, q=True):
+        s = numpy_helper.from_array(np.array(scale, np.float32), "x_scale")
+        z = numpy_helper.from_array(np.array(0, np.int8), "x_zp")
+        w = numpy_helper.from_array(np.zeros(4, np.int8), "w")
+        nodes = ([helper.make_node("QuantizeLinear", ["x", "x_scale", "x_zp"], ["q"])] if q else []) + [
+            helper.make_node("DequantizeLinear", ["q" if q else "w", "x_scale", "x_zp"], ["y"])]
+        path = tmp_path / f"g{scale}{q}.onnx"
+        onnx.save(helper.make_model(helper.make_graph(nodes, "g", [x], [y], [s, z, w])), str(path))
+        return path
+
+    assert nonfinite_scales(graph(0.5)) == []
+    assert np.float16(147) * np.float16(448) / np.float16(127) == np.inf  # the arithmetic that overflows
+    assert nonfinite_scales(graph(np.inf)) == ["x_scale"]
+    assert nonfinite_scales(graph(0.0)) == ["x_scale"]  # QuantizeLinear divides by it
+    assert nonfinite_scales(graph(0.0, q=False)) == []  # an all-zero weight block dequantizes to zeros

@@ -151,6 +151,12 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
             if comp_feeds:
                 comp_feeds = get_component(cfg, name, info.attention).from_captured(cfg, comp_feeds)
             details = apply_plan(p, src, tmp, comp_feeds, calib_samples)
+            bad = nonfinite_scales(tmp)
+            if bad:
+                # Model Optimizer's FP8 scale is its INT8 one times 448/127 in fp16 arithmetic: an
+                # activation amax past about 18,500 makes it inf, and the graph computes NaN
+                raise ValueError(f"{name}: quantization scale '{bad[0]}' is not finite (or zero where it divides) "
+                                 f"({len(bad)} such scale{'s' if len(bad) > 1 else ''}); keep its node high in the policy")
             # the converted copy is done with: held to the end, the two emma-4b backbones' copies
             # (14.5 GB each) took the fp8 build's temporary files to 69 GB and the next build out of disk
             for f in [src] + [src.parent / r for r in onnx_refs(src)]:
@@ -231,6 +237,27 @@ def _plain_graph(src: Path, dst: Path) -> Path:
     else:
         copy_graph(src, dst)
     return dst
+
+
+def nonfinite_scales(path: Path) -> list[str]:
+    """Scale inputs of the graph's Quantize/DequantizeLinear nodes that hold an inf or a NaN, or a zero
+    where a value is quantized; each read alone (a backbone's weights are not loaded)."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    scales = {n.input[1] for n in m.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 1}
+    # a zero scale divides only where something is quantized (an all-zero weight block dequantizes
+    # to zeros with it, harmlessly)
+    divides = {n.input[1] for n in m.graph.node if n.op_type == "QuantizeLinear" and len(n.input) > 1}
+    bad = []
+    for t in m.graph.initializer:
+        if t.name in scales:
+            a = numpy_helper.to_array(t, base_dir=str(path.parent)).astype(np.float32)
+            if not np.all(np.isfinite(a)) or (t.name in divides and np.any(a == 0)):
+                bad.append(t.name)
+    return bad
 
 
 def onnx_refs(path: Path) -> list[str]:
