@@ -357,8 +357,8 @@ def test_sliced_verify_judges_every_layer_of_the_reference(streamed_bundle, tmp_
 
 
 def test_a_graph_checked_layer_by_layer_takes_a_few_spread_cases(streamed_bundle, monkeypatch, tiny_reference):
-    """Each case's reference layer outputs are held until the graph's last slice has run: the emma-4b
-    fp8 build's verify was killed at 24.3 GB with 24 backbone feeds. At most VERIFY_FEEDS_SLICED."""
+    """Each case's reference layer outputs are held until the graph's last slice has run (an emma-4b
+    backbone's worth per case): at most VERIFY_FEEDS_SLICED cases, not verify's 24."""
     from emma_runtime.bundle import Bundle
 
     from emma_export import verify
