@@ -3,7 +3,6 @@ per pipeline through the runtime."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from .model.backbone import UND
 from .config import EMMAConfig
 
 # tolerances per precision live with the precision (precision.py)
+from .numerics import abs_peak, finite_or_inf
 from .precision import BY_NAME
 from .precision import QUANTIZED as REAL_FEED_PRECISIONS  # calibrated: checked on held-out real feeds
 from .precision import TOLERANCE, kv_cache_tolerance, tolerance_for
@@ -79,16 +79,12 @@ def rel_l2(a: np.ndarray, b: np.ndarray) -> float:
     ``max``, and ``max(0.0, nan)`` is 0.0, so a NaN output would pass as exact."""
     a = a.astype(np.float64)
     b = b.astype(np.float64)
-    v = float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
-    return v if math.isfinite(v) else math.inf
+    return finite_or_inf(float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)))
 
 
 def max_abs(a: np.ndarray, b: np.ndarray) -> float:
     """The largest absolute difference; inf when either side is not finite (as ``rel_l2``)."""
-    if not a.size:
-        return 0.0
-    v = float(np.abs(a.astype(np.float64) - b).max())
-    return v if math.isfinite(v) else math.inf
+    return abs_peak(a.astype(np.float64) - b)
 
 
 def reference_model(bundle: Bundle, checkpoint: str | None = None):

@@ -200,3 +200,15 @@ def test_a_nan_scale_is_not_within_tolerance():
     for kind in ("weight_scale", "act_scale"):
         assert rp._close(kind, rp._tensor("s", np.array([0.5, 0.25], np.float16), TensorProto.FLOAT16), want) is None
         assert rp._close(kind, rp._tensor("s", np.array([np.nan, 0.25], np.float16), TensorProto.FLOAT16), want) is not None
+
+
+def test_an_activation_with_a_nan_has_an_infinite_amax():
+    """The replay's activation amax was a running ``max`` that a NaN fell out of (``max(0.0, nan)``);
+    inf instead, so its scale fails the build's finite-scale check."""
+    from emma_export.quantize.replay import amax_of
+
+    a = np.ones((2, 3), np.float32)
+    b = a.copy()
+    b[0, 0] = np.nan
+    assert amax_of([{"x": a}], ["x"]) == {"x": 1.0}
+    assert amax_of([{"x": b}, {"x": a}], ["x"]) == {"x": np.inf}

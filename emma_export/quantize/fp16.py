@@ -19,9 +19,11 @@ import re
 from pathlib import Path
 
 import numpy as np
+
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from ..numerics import abs_peak  # a NaN counts as overflow, not as 0
 from ..export.external_data import PROTOBUF_LIMIT, has_external, load_graph, save_graph
 
 FP16_MAX = 65504.0
@@ -33,13 +35,6 @@ Feed = dict[str, np.ndarray]
 
 def _match(name: str, patterns) -> bool:
     return any(re.search(p, name) for p in patterns)
-
-
-def _peak(so_far: float, a: np.ndarray) -> float:
-    """The largest magnitude seen, inf once any value is not finite: ``max(0.0, nan)`` is 0.0 in Python,
-    so a NaN would otherwise hide the tensor from the check."""
-    m = float(np.abs(a).max())
-    return max(so_far, m) if np.isfinite(m) else float("inf")
 
 
 def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW_THRESHOLD, max_feeds: int = 8) -> list[str]:
@@ -71,12 +66,12 @@ def overflowing_nodes(path: Path, feeds: list[Feed], threshold: float = OVERFLOW
         outs = sess.run(None, {k: v for k, v in f.items() if k in input_names})
         for n, v in zip(names, outs):
             if isinstance(v, np.ndarray) and v.dtype == np.float32 and v.size:
-                peak[n] = _peak(peak.get(n, 0.0), v)
+                peak[n] = max(peak.get(n, 0.0), abs_peak(v))
     for i in m.graph.input:
         if i.name in input_names and i.name not in init:
             for f in feeds[:max_feeds]:
                 if i.name in f and f[i.name].dtype == np.float32 and f[i.name].size:
-                    peak[i.name] = _peak(peak.get(i.name, 0.0), f[i.name])
+                    peak[i.name] = max(peak.get(i.name, 0.0), abs_peak(f[i.name]))
     hot = {n for n, v in peak.items() if not np.isfinite(v) or v > threshold}
     return [node.name for node in m.graph.node if hot & (set(node.input) | set(node.output))]
 

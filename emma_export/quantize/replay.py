@@ -513,7 +513,11 @@ def weights_of(m: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 
 def amax_of(outputs: list[Feed], names: list[str]) -> dict[str, float]:
-    return {n: max(float(np.max(np.abs(o[n]))) if o[n].size else 0.0 for o in outputs) for n in names}
+    """Each tensor's amax over the outputs; inf where a value is not finite (its scale then fails the
+    build's finite-scale check instead of a NaN being taken for 0)."""
+    from ..numerics import abs_peak
+
+    return {n: max(abs_peak(o[n]) for o in outputs) for n in names}
 
 
 @dataclass
