@@ -405,3 +405,55 @@ def test_a_quantized_graph_with_an_inf_scale_is_named(tmp_path):
     assert nonfinite_scales(graph(np.inf)) == ["x_scale"]
     assert nonfinite_scales(graph(0.0)) == ["x_scale"]  # QuantizeLinear divides by it
     assert nonfinite_scales(graph(0.0, q=False)) == []  # an all-zero weight block dequantizes to zeros
+
+
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+def test_the_autoencoders_linear_attention_stays_fp32_with_fp16_elsewhere(tmp_path, tiny_cfg, precision):
+    """The ReLU linear attention sums over every pixel (fp32 in the model and in DC-AE); emma-4b's fp8
+    encoder, that chain in fp16, wrote NaN latents on every held-out image. Here its q/k/v projection is
+    scaled until the sums pass fp16's range: the GPU-target graph must still match the fp32 one."""
+    import dataclasses
+
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    from emma_export.components import get_component
+    from emma_export.export.onnx_export import export_component
+    from emma_export.export.source import WeightSource
+    from emma_export.quantize import apply_plan
+    from emma_export.quantize.policy import plan
+
+    ae = dataclasses.replace(tiny_cfg.ae, encoder_block_types=("ResBlock",) * 5 + ("EfficientViTBlock",),
+                             encoder_qkv_multiscales=((),) * 5 + ((5,),))
+    cfg = dataclasses.replace(tiny_cfg, ae=ae)
+    comp = get_component(cfg, "ae_encoder")
+    src = tmp_path / "ae_encoder.onnx"
+    export_component(comp, cfg, WeightSource(cfg, 0).model_for(comp), src, optimize=False)
+    m = onnx.load(str(src))
+    qkv = [n for n in m.graph.node if n.op_type == "Conv" and n.name.endswith("/attn/Conv")]
+    assert qkv, "no linear attention in the test's encoder"
+    init = {t.name: t for t in m.graph.initializer}
+    for n in qkv:
+        w = init[n.input[1]]
+        w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w) * 40.0, w.name))
+    onnx.save(m, str(src))
+    rng = np.random.default_rng(0)
+    feeds = [{"image": rng.uniform(-1, 1, (1, 3, 4 * cfg.cell, 4 * cfg.cell)).astype(np.float32)} for _ in range(4)]
+    run = lambda path, so=None: ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"]).run(None, feeds[0])[0]
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # as the runtime runs FP8 Q/DQ
+    names = [n.output[0] for n in m.graph.node if "/attn/MatMul" in n.name]
+    m.graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in names)
+    full = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    peak = max(float(np.abs(a).max()) for a in full.run(names, feeds[0]))
+    assert peak > 65504, f"the test's sums stay in fp16's range ({peak:.3g})"
+    p = plan("ae_encoder", precision, True, cfg)
+    dst = tmp_path / f"ae_encoder.{precision}.onnx"
+    apply_plan(p, src, dst, feeds)
+    got, want = run(dst, so), run(src, so)
+    assert np.isfinite(got).all(), f"{precision}: non-finite latents"
+    rel = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert rel < 0.1, rel
+    q = onnx.load(str(dst))
+    attn = [n for n in q.graph.node if "/attn/" in n.name and n.op_type == "MatMul"]
+    assert attn and all(n.name not in {c.name for c in q.graph.node if c.op_type == "QuantizeLinear"} for n in attn)

@@ -19,6 +19,7 @@ from typing import Collection
 import numpy as np
 
 from .policy import PRECISIONS, QUANTIZED, Plan, gemm_ops, plan
+from ..heap import give_back, steady_heap
 
 Feed = dict[str, np.ndarray]
 
@@ -76,8 +77,11 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
         raise ValueError(f"{p.component}: {p.precision} needs calibration feeds and none were captured")
     mode = {"modelopt-int8": "int8", "modelopt-fp8": "fp8", "modelopt-int4": "int4"}[p.method]
     chosen = calibrate.select(feeds, calib_samples)
+    # Model Optimizer's own fp16 pass keeps op types only; nodes the plan keeps fp32 need ours, after
+    # (as int4's: Model Optimizer leaves int4 graphs fp32 elsewhere)
+    ours = p.high_precision == "fp16" and mode != "int4" and bool(p.keep_fp32 or p.keep_fp32_ops)
     modelopt_driver.quantize(
-        src, dst, mode, chosen, high_precision=p.high_precision, nodes_to_exclude=list(p.exclude),
+        src, dst, mode, chosen, high_precision="fp32" if ours else p.high_precision, nodes_to_exclude=list(p.exclude),
         op_types_to_quantize=gemm_ops() if mode != "int4" else None,
         calibration_method=p.calibration_method or None, block_size=p.block_size,
     )
@@ -89,20 +93,23 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
     if mode == "int8" and p.reduce_range:  # the cpu target (ONNX Runtime's integer kernels)
         details["uint8_activations"] = modelopt_driver.activations_to_uint8(dst)
     if mode == "int4" and p.high_precision == "fp16":
-        int4_rest_fp16(dst)
+        rest_fp16(dst)
+    elif ours:
+        details["kept_fp32_nodes"] = rest_fp16(dst, p.keep_fp32_ops, p.keep_fp32)["kept_fp32_nodes"]
     return details
 
 
-def int4_rest_fp16(path: Path) -> None:
-    """An INT4 weight-only graph's float part to fp16 (a GPU target), in place."""
+def rest_fp16(path: Path, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",)) -> dict:
+    """A Q/DQ or INT4 weight-only graph's float part to fp16 (a GPU target), in place, ``keep_*`` fp32."""
     from . import fp16
     from ..export.external_data import load_graph, save_graph
 
     tmp = path.with_suffix(".fp16.onnx")
-    fp16.convert_fp16(path, tmp, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",))
+    kept = fp16.convert_fp16(path, tmp, keep_ops=keep_ops, keep_nodes=keep_nodes)
     save_graph(load_graph(tmp), path)  # under its own name, its data file named for it
     tmp.unlink()
     (tmp.parent / (tmp.name + ".data")).unlink(missing_ok=True)
+    return kept
 
 
 def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[str, list[Feed]] | None,
@@ -119,7 +126,7 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     from ..export.trt_ops import check_model
 
     bundle_dir = Path(bundle_dir)
-    _steady_heap()
+    steady_heap()
     bundle = Bundle.load(bundle_dir)
     m = bundle.manifest
     if m.precision != "fp32" or any(c.precision != "fp32" for c in m.components.values()):
@@ -171,7 +178,7 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
             entries[name] = replace(info, inputs=inputs, outputs=outputs, precision=p.precision)
             policy[name] = p.describe()
             out.append(ComponentOutcome(name, p, time.perf_counter() - t0, 0, details))
-            _give_back_memory()
+            give_back()
         for name in m.components:
             f = Path(entries[name].file)
             for rel in [f] + [f.parent / d for d in onnx_refs(done / f)]:
@@ -191,32 +198,6 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     tmp_manifest.write_text(new.to_json())
     tmp_manifest.replace(bundle_dir / MANIFEST)
     return out
-
-
-def _steady_heap() -> None:
-    """Large arrays from mmap, given back when freed: glibc raises its mmap threshold (up to 32 MB) each
-    time such a block is freed, after which a layer's activations come from the heap and fragment it;
-    in the emma-4b fp8 build RSS rose by about 1 GB a layer while nothing was held (killed at 24 GB)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed at 1 MiB
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def _give_back_memory() -> None:
-    """Freed memory back to the system between components: glibc keeps what a conversion freed, and
-    the emma-4b fp8 build sat at 12-14 GB of RSS between its small components, so the next large one
-    started from there (it was killed at 24.3 GB on the 1.56 GB embedding table)."""
-    import ctypes
-    import gc
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to ask
-        pass
 
 
 def _plain_graph(src: Path, dst: Path) -> Path:

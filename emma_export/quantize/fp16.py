@@ -128,12 +128,53 @@ def convert_fp16(src: Path, dst: Path, keep_ops=(), keep_nodes=(), feeds: list[F
     was = {t.name: t.data_type for t in m.graph.initializer}
     m16 = float16.convert_float_to_float16(m, keep_io_types=True, op_block_list=op_block, node_block_list=sorted(block),
                                            max_finite_val=FP16_MAX, min_positive_val=2.0 ** -24)
+    _drop_cast_round_trips(m16.graph, block | {n.name for n in m.graph.node if n.op_type in op_block})
     if external:
         _stream_weights(m16, was, src, dst)
         dst.write_bytes(m16.SerializeToString())
     else:
         save_graph(m16, dst)
     return {"kept_fp32_nodes": len(kept), "overflow_nodes": overflow}
+
+
+def _drop_cast_round_trips(g: onnx.GraphProto, kept: set[str]) -> None:
+    """A float32 value from a node kept fp32 into other kept nodes, without its trip through fp16: the
+    converter casts every kept node's outputs to fp16 and its inputs back, and drops the pair only
+    when the value has one reader (its check for several compares ``to`` with 16 and 32, which ONNX's
+    type codes never are). With two readers (the AE's linear attention: the numerator and denominator
+    rows sliced from one MatMul) the sum overflowed in the round trip and the latents were NaN."""
+    def to(n):
+        return next((a.i for a in n.attribute if a.name == "to"), None)
+
+    producer = {o: n for n in g.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    outputs = {o.name for o in g.output}
+    drop, rename = set(), {}
+    for n in g.node:
+        if n.op_type != "Cast" or to(n) != TensorProto.FLOAT16 or n.output[0] in outputs:
+            continue
+        src = producer.get(n.input[0])
+        if src is None or src.name not in kept:  # only a kept node's float32 output is known to be float32
+            continue
+        rs = readers.get(n.output[0], [])
+        if not rs or any(r.op_type != "Cast" or to(r) != TensorProto.FLOAT or r.output[0] in outputs for r in rs):
+            continue
+        drop.add(n.name)
+        for r in rs:
+            drop.add(r.name)
+            rename[r.output[0]] = n.input[0]
+    if not drop:
+        return
+    keep = [n for n in g.node if n.name not in drop]
+    for n in keep:
+        for k, i in enumerate(n.input):
+            if i in rename:
+                n.input[k] = rename[i]
+    del g.node[:]
+    g.node.extend(keep)
 
 
 def _stream_weights(m: onnx.ModelProto, was: dict[str, int], src: Path, dst: Path, chunk: int = 1 << 24) -> None:

@@ -69,6 +69,12 @@ _TIMESTEP = (r"/gen_adapter/timestep/",)
 _DECODER_EDGES = (r"/decoder/conv_in/", r"/decoder/conv_out/", r"/decoder/norm_out/", r"/decoder/up_blocks\.0/")
 # the autoencoder's EfficientViT blocks (ReLU linear attention: activation x activation products)
 _AE_ATTN = (r"/attn/",)
+# Its product chain (ReLU, the ones row, both MatMuls, the division: everything of the block but its
+# convolutions and norm): sums over every pixel, float32 in the model and in diffusers' DC-AE, fp16
+# overflows. Measured: emma-4b's fp8 encoder, this chain in fp16, reached 65504 in its first MatMul and
+# wrote NaN latents on every held-out image (ae_encoder and ae_decoder rel L2 inf).
+_AE_ATTN_CHAIN = (r"/attn/(?!Conv)[A-Za-z]+(_\d+)?$",)
+_AE_ATTN_PRODUCTS = (r"/attn/MatMul(_\d+)?$",)
 _TRUNK_ATTN_PROJ = (r"/trunk/layers\.\d+/self_attn/",)
 _PATCH_EMBED = (r"/trunk/embeddings/patch_embedding/",)
 _DOWN_PROJ = (r"/down_proj/",)
@@ -224,6 +230,14 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
             # autoencoder 1.48 dB of held-out PSNR (n=400, encoder alone in fp8, 38.3 dB decoder).
             last = len(cfg.ae.encoder_block_out_channels) - 1 if cfg is not None else None
             exclude = exclude + (r"/encoder/conv_out/",) + ((rf"/encoder/down_blocks\.{last}/",) if last is not None else ())
+    keep: tuple[str, ...] = ()
+    keep_ops: tuple[str, ...] = ()
+    if c in (names.AE_ENCODER, names.AE_DECODER):
+        # activation x activation products, fp32 in the model: not quantized, and with fp16 elsewhere
+        # the whole chain and the norms stay fp32 as in the fp16 precision (``_fp16``)
+        exclude = exclude + _AE_ATTN_PRODUCTS
+        if hp == "fp16":
+            keep, keep_ops = _fp16(c).keep_fp32, _fp16(c).keep_fp32_ops
     if precision == "int8" and c in (names.AE_ENCODER, names.AE_DECODER):
         # Measured on small (random weights, verify's held-out images, rel L2 of the component): INT8
         # missed the tolerance in both (encoder 0.161, decoder 0.190). Kept high: the linear-attention
@@ -248,11 +262,13 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
         # backbone_und 0.106 on the next; 0.026 / 0.021 without).
         exclude = exclude + _DOWN_PROJ
     return Plan(c, precision, method, hp, exclude=exclude, calibration_method="max",
-                reduce_range=(precision == "int8" and not target_is_gpu))
+                reduce_range=(precision == "int8" and not target_is_gpu), keep_fp32=keep, keep_fp32_ops=keep_ops)
 
 
 def _fp16(c: str, notes: tuple[str, ...] = ()) -> Plan:
     keep = _NORMS + _ROUTER + _TIMESTEP
+    if c in (names.AE_ENCODER, names.AE_DECODER):
+        keep = keep + _AE_ATTN_CHAIN
     if c == "ae_decoder":
         keep = keep + (r"/decoder/conv_out/",)
     return Plan(c, "fp16", "fp16", "fp16", keep_fp32=keep, keep_fp32_ops=("Softmax", "LayerNormalization"),

@@ -106,9 +106,9 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             return outs, amax
 
         def quantize(s: Slice, model: onnx.ModelProto, ins: list[Feed] | None):
-            from . import _give_back_memory
+            from ..heap import give_back
 
-            _give_back_memory()  # what the last slice's sessions and Model Optimizer freed
+            give_back()  # what the last slice's sessions and Model Optimizer freed
             k = rp.layer_index(s.name)
             if replayer is None or k is None:
                 modelopt(s, model, ins)
@@ -166,10 +166,10 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
             runner.run(chosen, progress=progress, keep=())  # the graph's own outputs are not needed here
             details["held_bytes"] = runner.peak_bytes
             if fp16_after:
-                from . import int4_rest_fp16
+                from . import rest_fp16
 
                 for s, b in parts:
-                    int4_rest_fp16(b)
+                    rest_fp16(b)
         else:
             for s in sg.slices:
                 if progress:
