@@ -457,3 +457,35 @@ def test_the_autoencoders_linear_attention_stays_fp32_with_fp16_elsewhere(tmp_pa
     q = onnx.load(str(dst))
     attn = [n for n in q.graph.node if "/attn/" in n.name and n.op_type == "MatMul"]
     assert attn and all(n.name not in {c.name for c in q.graph.node if c.op_type == "QuantizeLinear"} for n in attn)
+
+
+def test_the_overflow_check_holds_one_activation_at_a_time(tmp_path):
+    """Peaks are taken inside the graph as each tensor is made: with every tensor a graph output, the
+    check held all of a run's activations (an emma-4b autoencoder at 512 px: several GB). A chain of 40
+    nodes on 16 MB tensors: 640 MB if all are held."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import resource, numpy as np, onnx
+        from onnx import helper, TensorProto
+        from emma_export.quantize.fp16 import overflowing_nodes
+        shape = [1, 64, 256, 256]
+        nodes, prev = [], "x"
+        for i in range(40):
+            nodes.append(helper.make_node("Neg", [prev], [f"t{{i}}"], name=f"n{{i}}")); prev = f"t{{i}}"
+        g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(prev, TensorProto.FLOAT, shape)])
+        path = {str(tmp_path / "chain.onnx")!r}
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)]), path)
+        x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+        x[0, 0, 0, 0] = 30000.0  # past 65504 / 4 in every node of the chain
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        hot = overflowing_nodes(path, [{{"x": x}}])
+        print(len(hot), (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    hot, grown_mb = int(out[0]), int(out[1])
+    assert hot == 40, hot
+    assert grown_mb < 200, f"the check grew the process by {grown_mb} MB"
