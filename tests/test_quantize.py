@@ -377,6 +377,9 @@ def test_the_overflow_check_keeps_a_node_that_makes_nan_in_fp32(tmp_path):
     assert overflowing_nodes(path, [calm]) == []
     # NaN first: the running max starts from it (the order in which the bug hid it)
     assert set(overflowing_nodes(path, [{"x": np.full((1, 4), -1.0, np.float32)}, calm])) == {"root", "relu"}
+    # one NaN among finite values: a plain max skips it (ONNX Runtime's ReduceMax gave 3 for |[1, nan, 3, -5]|)
+    one = {"x": np.array([[4.0, -1.0, 4.0, 4.0]], np.float32)}
+    assert set(overflowing_nodes(path, [one])) == {"root", "relu"}
 
 
 def test_a_quantized_graph_with_an_inf_scale_is_named(tmp_path):

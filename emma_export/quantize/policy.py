@@ -237,7 +237,8 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
         # the whole chain and the norms stay fp32 as in the fp16 precision (``_fp16``)
         exclude = exclude + _AE_ATTN_PRODUCTS
         if hp == "fp16":
-            keep, keep_ops = _fp16(c).keep_fp32, _fp16(c).keep_fp32_ops
+            half = _fp16(c)
+            keep, keep_ops = half.keep_fp32, half.keep_fp32_ops
     if precision == "int8" and c in (names.AE_ENCODER, names.AE_DECODER):
         # Measured on small (random weights, verify's held-out images, rel L2 of the component): INT8
         # missed the tolerance in both (encoder 0.161, decoder 0.190). Kept high: the linear-attention
