@@ -20,6 +20,14 @@
 #   EMMA4B_OUT=/big/disk bash scripts/emma4b.sh   # where to write (emma-4b needs ~80 GB of disk)
 #   bash scripts/emma4b.sh --builds "fp8 int4w"  # which builds, in order (default: fp8 int4w fp16)
 #   EMMA4B_ENGINE_TARGET=rtx-blackwell ...      # the TensorRT-RTX target of the engines (default rtx-ada)
+#   EMMA4B_KEEP_UPSTREAM=1 ...                  # keep the synthetic upstream folders after init (~9.5 GB)
+#
+# Resumable: the whole run takes longer than 3 hours at emma-4b, so a step whose output is complete is
+# not redone (the checkpoint, the capture, a build with its build.json, engines with engines.ok); delete
+# that folder or file to redo it. Seeded and checkpoint weights write to different folders
+# (emma-4b-random/, emma-4b/): a capture of one set of weights is never taken for the other's.
+# Engines are built after every build: an emma-4b fp8 bundle's engines are 9.5 GB, and the next build's
+# fp32 export needs ~36 GB of disk while it runs.
 #
 # Every build takes one calibration capture, made first with the short "scale" recipe (about 25
 # reference backbone calls: the reference reads each layer's weights on every call,
@@ -38,7 +46,7 @@ while [ $# -gt 0 ]; do
     --config) CONFIG="$2"; shift ;;
     --random-weights) RANDOM_WEIGHTS=1 ;;
     --builds) BUILDS="$2"; shift ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,32p' "$0"; exit 0 ;;
     *) echo "error: unknown argument '$1' (--dry-run, --config NAME, --random-weights, --builds LIST)" >&2; exit 2 ;;
   esac
   shift
@@ -51,6 +59,7 @@ for b in $BUILDS; do
 done
 
 OUT="${EMMA4B_OUT:-out/emma4b}/$CONFIG"
+if [ "$RANDOM_WEIGHTS" = 1 ]; then OUT="$OUT-random"; fi
 PY="${PYTHON:-python}"
 if [ -x .venv/bin/python ] && [ -z "${PYTHON:-}" ]; then PY=.venv/bin/python; fi
 export PYTHONPATH="$PWD:$PWD/runtime${PYTHONPATH:+:$PYTHONPATH}"
@@ -74,12 +83,17 @@ run mkdir -p "$OUT"
 WEIGHTS=(--checkpoint "$OUT/checkpoint")
 if [ "$RANDOM_WEIGHTS" = 1 ]; then
   WEIGHTS=()
-elif [ ! -f "$OUT/upstream/qwen3/config.json" ]; then
-  run "$TIME" -v -o "$OUT/time-upstream.txt" "$PY" scripts/make_tiny_upstream.py "$OUT/upstream" --config "$CONFIG" --synthetic
-fi
-if [ "$RANDOM_WEIGHTS" = 0 ] && [ ! -d "$OUT/checkpoint" ]; then
+elif [ ! -d "$OUT/checkpoint" ]; then
+  if [ ! -f "$OUT/upstream/qwen3/config.json" ]; then
+    run rm -rf "$OUT/upstream"  # a killed run's partial folders (this script's own)
+    run "$TIME" -v -o "$OUT/time-upstream.txt" "$PY" scripts/make_tiny_upstream.py "$OUT/upstream" --config "$CONFIG" --synthetic
+  fi
   run "$TIME" -v -o "$OUT/time-init.txt" "${EXPORT[@]}" init --llm "$OUT/upstream/qwen3" --vision "$OUT/upstream/siglip" \
     --ae "$OUT/upstream/dcae" --config "$CONFIG" --out "$OUT/checkpoint" --json "$OUT/init.json"
+  # the synthetic folders were this script's input to init, nothing reads them after it (disk: the builds)
+  if [ "${EMMA4B_KEEP_UPSTREAM:-0}" != 1 ]; then run rm -rf "$OUT/upstream"; fi
+else
+  echo "checkpoint: $OUT/checkpoint exists, kept (delete it to redo init)"
 fi
 
 # 2. one calibration capture for both builds (the same reference, the same recipe)
@@ -101,15 +115,26 @@ build() {  # precision target [extra build flags]
     printf '+ %s plan --config %s --precision %s --target %s --json > %s\n' "emma-export" "$CONFIG" "$p" "$t" "$d/plan.json"
   fi
   # --force: a failed verify still leaves the bundle and its report, so the table shows what failed
+  if [ -f "$d/build.json" ] && [ -f "$d/bundle/manifest.json" ]; then
+    echo "build $p $t: $d/build.json exists, kept (delete $d to redo)"
+    return
+  fi
   run "$TIME" -v -o "$d/time.txt" "${EXPORT[@]}" build --config "$CONFIG" "${WEIGHTS[@]}" \
     --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet --calibration "$OUT/calib" "${BUILD_FLAGS[@]}" "${extra[@]}" \
     || echo "build $p $t exited $? (see $d/time.txt)"
-  # TensorRT-RTX engines of the same bundle for an RTX GPU (the builder runs here without one; full
-  # TensorRT for h100/jetson does not install here): every component that fits this machine's memory,
-  # the rest named in the manifest for building on the device
+}
+# TensorRT-RTX engines of a bundle for an RTX GPU (the builder runs here without one; full TensorRT for
+# h100/jetson does not install here): every component that fits this machine's memory, the rest named
+# in the manifest for building on the device
+engines() {  # run folder
+  local d="$1"
+  if [ -f "$d/engines.ok" ]; then echo "engines $d: done, kept (delete $d/engines.ok to redo)"; return; fi
   if [ "$DRY" = 1 ] || [ -f "$d/bundle/manifest.json" ]; then
-    run "$TIME" -v -o "$d/time-engines.txt" "${EXPORT[@]}" engines --bundle "$d/bundle" --target "$ENGINE_TARGET" \
-      || echo "engines $p $ENGINE_TARGET exited $? (see $d/time-engines.txt)"
+    if run "$TIME" -v -o "$d/time-engines.txt" "${EXPORT[@]}" engines --bundle "$d/bundle" --target "$ENGINE_TARGET"; then
+      run touch "$d/engines.ok"
+    else
+      echo "engines $d $ENGINE_TARGET exited (see $d/time-engines.txt)"
+    fi
   fi
 }
 RUNS=()
@@ -121,6 +146,8 @@ for b in $BUILDS; do
     fp16) build fp16 h100; RUNS+=("$OUT/fp16-h100") ;;
   esac
 done
+
+for d in "${RUNS[@]}"; do engines "$d"; done
 
 # 4. the table
 run "$PY" scripts/scale_table.py "${RUNS[@]}"
