@@ -405,7 +405,7 @@ def stage_quantize(req: BuildRequest, t, work: Path, feeds, echo) -> dict:
     if echo:
         echo(f"quantize: {req.precision} for target {t.name}")
     try:
-        outcomes = quantize_bundle(work, req.precision, t, feeds, calib_samples=req.calib_samples, only=req.only)
+        outcomes = quantize_bundle(work, req.precision, t, feeds, calib_samples=req.calib_samples, only=req.only, consume=True)
     except ValueError as e:
         raise BuildError(str(e)) from None
     return {o.component: o.details for o in outcomes}

@@ -191,3 +191,39 @@ def test_int4w_external_bundle_quantizes_and_keeps_the_tie(tmp_path, ext_bundle,
 
     res = verify_components(bundle, WeightSource.from_args("tiny", None, 0).full_model(), names=["lm_head", "embed_tokens"])
     assert all(r.passed for r in res.values()), res
+
+
+
+@pytest.mark.parametrize("precision,target", [("int8", "cpu"), ("int4w", "cpu"), ("fp16", "cpu")])
+def test_a_build_converts_its_graphs_without_a_second_copy_on_disk(tmp_path, ext_bundle, small_calibration, precision, target, monkeypatch):
+    """In a build's own folder (``consume``) each source graph is moved out to be converted, not copied:
+    an emma-4b fp8 build beside its init checkpoint ran out of disk with a 14.5 GB backbone copied next
+    to its 36 GB export. The folder never holds a second copy of the graph being converted; the
+    tied table two graphs read stays until both are converted; the bundle is whole after."""
+    import shutil
+
+    from emma_export import quantize as q
+    from emma_export.export.tied_embedding import TIED_FILE
+    from emma_export.quantize.calibrate import load_dir
+    from emma_export.targets import load_target
+
+    b = tmp_path / precision
+    shutil.copytree(ext_bundle, b)
+    du = lambda: sum(f.stat().st_size for f in b.rglob("*") if f.is_file())
+    start, extra, real = du(), [], q.apply_plan
+
+    def watched(p, src, dst, *a, **k):
+        r = real(p, src, dst, *a, **k)
+        made = sum(f.stat().st_size for f in dst.parent.rglob("*") if f.is_file())  # the results so far
+        extra.append((p.component, du() - start - made))
+        assert (b / TIED_FILE).is_file()  # embed_tokens and lm_head both read it
+        return r
+
+    monkeypatch.setattr(q, "apply_plan", watched)
+    q.quantize_bundle(b, precision, load_target(target), load_dir(small_calibration), consume=True)
+    # a copy shows as the component's own size (copied, every component fails); a converter's scratch
+    # files (Model Optimizer's AWQ leaves a few hundred kB) are not a copy
+    own = {n: sum((ext_bundle / f).stat().st_size for f in {c["file"], *(f for f, _ in c["data_files"])})
+           for n, c in _manifest(ext_bundle)["components"].items()}
+    assert all(e < own[n] / 2 for n, e in extra), [(n, e, own[n]) for n, e in extra if e >= own[n] / 2]
+    _check_files(b)

@@ -162,6 +162,23 @@ def copy_graph(src: str | Path, dst: str | Path) -> list[str]:
     return files
 
 
+def move_graph(src: str | Path, dst: str | Path) -> list[str]:
+    """``copy_graph`` by renaming (same filesystem): the source is gone after. For a graph read once and
+    then deleted in a folder that is the caller's own (no second copy of a 14.5 GB backbone on disk;
+    a hard link would do as much, but ONNX's checker refuses external data with several links)."""
+    from emma_runtime.paths import confined
+
+    src, dst = Path(src), Path(dst)
+    files = referenced_files(onnx.load(str(src), load_external_data=False))
+    found = [confined(src.parent, f, f"external data of {src.name}") for f in files]
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for f, real in zip(files, found):
+        (dst.parent / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(real, dst.parent / f)
+    shutil.move(src, dst)
+    return files
+
+
 def refs_only(path: str | Path) -> onnx.ModelProto:
     """The graph without its external data read (enough to see which files it references)."""
     return onnx.load(str(path), load_external_data=False)

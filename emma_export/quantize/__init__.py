@@ -113,11 +113,15 @@ def rest_fp16(path: Path, keep_ops=("Softmax", "LayerNormalization"), keep_nodes
 
 
 def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[str, list[Feed]] | None,
-                    calib_samples: int = 64, progress=None, only: Collection[str] = ()) -> list[ComponentOutcome]:
+                    calib_samples: int = 64, progress=None, only: Collection[str] = (),
+                    consume: bool = False) -> list[ComponentOutcome]:
     """Rewrites every component graph of the fp32 bundle ``bundle_dir`` to ``precision`` for ``target``
     (a ``targets.Target``) and rewrites manifest.json. ``feeds``: component -> calibration feeds.
     ``only``: quantize just these components, the others get the target's high precision (fp32 on
-    cpu): one component at a time is how a precision's task loss is traced to its cause."""
+    cpu): one component at a time is how a precision's task loss is traced to its cause.
+    ``consume``: the folder is the caller's own (a build's work folder, thrown away if anything
+    fails): each source graph is moved out to be converted, not copied, and is gone once converted.
+    Otherwise (a user's bundle) the sources stay whole until every result replaces them."""
     from emma_runtime.bundle import MANIFEST, Bundle, sha256_file
 
     from ..components import get_component
@@ -143,6 +147,12 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     out: list[ComponentOutcome] = []
     # Every graph is written to out/ and moved into the bundle only when all are done: a source
     # graph may read a file another component's result replaces (the tied embedding).
+    # a file two components read (the tied embedding's table) is never moved out from under the other
+    readers: dict[str, int] = {}
+    for c in m.components.values():
+        for f in {c.file, *(f for f, _ in c.data_files)}:
+            readers[f] = readers.get(f, 0) + 1
+    shared = {n for n, c in m.components.items() if any(readers[f] > 1 for f in (c.file, *(f for f, _ in c.data_files)))}
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle_dir) as td:
         work, done = Path(td) / "src", Path(td) / "out"
         for name, info in m.components.items():
@@ -151,7 +161,7 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
                 p = plan(name, "fp16" if gpu else "fp32", gpu, cfg)
                 p = replace(p, notes=p.notes + (f"kept high: {precision} for {', '.join(sorted(only))} only",))
             t0 = time.perf_counter()
-            src = _plain_graph(bundle.path(info.file), work / info.file)
+            src = _plain_graph(bundle.path(info.file), work / info.file, move=consume and name not in shared)
             tmp = done / info.file
             tmp.parent.mkdir(parents=True, exist_ok=True)
             comp_feeds = (feeds or {}).get(name)
@@ -200,12 +210,12 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     return out
 
 
-def _plain_graph(src: Path, dst: Path) -> Path:
+def _plain_graph(src: Path, dst: Path, move: bool = False) -> Path:
     """``src`` as every conversion expects it, at ``dst``: the tied embedding untied (the quantizer
     sees GEMM weights only as initializers) and its data beside it. The export's bytes otherwise."""
     import onnx
 
-    from ..export.external_data import copy_graph, load_graph, save_graph
+    from ..export.external_data import copy_graph, load_graph, move_graph, save_graph
     from ..export.tied_embedding import TIED_FILE, untie
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -215,6 +225,10 @@ def _plain_graph(src: Path, dst: Path) -> Path:
         # the table in a file of its own: fp16 of a graph with external data streams its weights file to
         # file (fp16._stream_weights) instead of holding the table several times over
         save_graph(m, dst, limit=0)
+    elif move:
+        # an emma-4b build's disk peaked at its 36 GB export plus a backbone's 14.5 GB copy: with an
+        # init checkpoint beside it (57 GB free) that ran out at the second backbone
+        move_graph(src, dst)
     else:
         copy_graph(src, dst)
     return dst
