@@ -73,6 +73,7 @@ class TeacherForced:
     ref_out: list[dict[str, np.ndarray]]
     as_float: Callable[[str, np.ndarray], np.ndarray]
     errors: dict[int, LayerError] = field(default_factory=dict)
+    judged: set[str] = field(default_factory=set)  # graph outputs compared inside a layer's slice
     _residual: dict[int, str] = field(default_factory=dict)  # layer -> the tensor carrying its output
 
     def __call__(self, s: Slice, m: onnx.ModelProto, ins: list[Feed]) -> list[Feed]:
@@ -98,6 +99,7 @@ class TeacherForced:
             for o in s.outputs:
                 if o in ro and o != self._residual[k]:
                     err.kv = max(err.kv, rel_l2(self.as_float(o, y[o]), ro[o]))
+                    self.judged.add(o)
         return got
 
     def _find_residual(self, s: Slice, k: int, got: Feed) -> str:

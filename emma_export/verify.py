@@ -244,6 +244,13 @@ def _verify_layers(comp, cfg, module, info, kv, cases: list[dict], sliced, tol: 
     unjudged = sorted(set(range(len(layer_out[0]))) - set(tf.errors))
     if unjudged:
         raise AssertionError(f"{comp.name}: decoder layers {unjudged} of {len(layer_out[0])} have no slice of their own in the graph ({how})")
+    # the same for keys/values made outside every layer's slice (an 8-bit cache's QuantizeLinear left
+    # unscoped): the output through all layers would be their only check, and it is not judged
+    unjudged_kv = [n for n in names if n.startswith(("new_", "present_")) and n not in tf.judged]
+    if unjudged_kv:
+        shown = ", ".join(unjudged_kv[:4]) + (f" and {len(unjudged_kv) - 4} more" if len(unjudged_kv) > 4 else "")
+        raise AssertionError(f"{comp.name}: keys/values {shown} are made outside their layer's slice and cannot be judged "
+                             f"per layer ({how}); rebuild the bundle's KV cache with this version")
     note = (f"{how}; verdict: each of its {len(tf.errors)} layers on the reference's input to it (worst layers.{w.layer}: "
             f"hidden {w.hidden:.3g}, keys/values {w.kv:.3g}); output through all layers: rel L2 {prop:.3g}")
     # on stderr as it is found: a sliced check is the longest part of an emma-4b verify, and a build's

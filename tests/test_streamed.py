@@ -379,6 +379,73 @@ def test_sliced_verify_judges_every_layer_of_the_reference(streamed_bundle, tmp_
         verify_components(bad, tiny_reference, names=["backbone_und"])
 
 
+def _int8_cache(streamed_bundle, tmp_path, tiny_reference):
+    """The streamed bundle with an int8 KV cache whose scales cover verify's random cases: the past
+    they feed and the new keys/values the reference makes from it (a build's capture feeds real caches)."""
+    import shutil
+
+    import torch
+
+    from emma_export.components import all_components
+    from emma_export.quantize.kv_cache import apply_to_bundle
+
+    cfg = tiny_reference.cfg
+    comp = next(c for c in all_components(cfg, "standard") if c.name == "backbone_und")
+    module, outs = comp.module(tiny_reference).eval(), [o.name for o in comp.outputs(cfg)]
+    feeds = []
+    for i, dims in enumerate(comp.verify_dims(cfg)):  # verify's own random cases
+        f = comp.sample_inputs(cfg, dims, np.random.default_rng(100 + i))
+        with torch.no_grad():
+            y = dict(zip(outs, module(*[torch.from_numpy(f[s.name]) for s in comp.inputs(cfg)])))
+        feeds += [f, {n.replace("new_", "past_"): t.numpy() for n, t in y.items() if n.startswith("new_")}]
+    d = tmp_path / "int8"
+    shutil.copytree(streamed_bundle, d)
+    apply_to_bundle(d, "int8", {"backbone_und": feeds})
+    return d
+
+
+def test_sliced_verify_judges_an_8bit_caches_keys_values_in_their_layer(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """emma-4b's int8-cache verify (run 7) compared no keys/values per layer: the cache's QuantizeLinear
+    ran in the tail slice. Each layer's written cache is judged in its own slice: layer 1's new keys
+    written from layer 0's (a stitching bug that leaves every hidden state exact) fails and is named."""
+    from emma_runtime.bundle import Bundle
+
+    from emma_export.verify import verify_components
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    d = _int8_cache(streamed_bundle, tmp_path, tiny_reference)
+    ok = verify_components(Bundle.load(d), tiny_reference, names=["backbone_und"])["backbone_und"]
+    assert ok.passed, ok
+    assert all(1e-4 < e["kv"] < 0.05 for e in ok.layers), ok.layers  # int8 rounding, measured
+
+    def stitched(m):
+        q = next(n for n in m.graph.node if n.op_type == "QuantizeLinear" and n.output[0] == "new_key_1")
+        q.input[0] = next(n for n in m.graph.node if n.output[0] == "new_key_0").input[0]
+
+    r = verify_components(_edited_backbone(d, tmp_path / "e", stitched), tiny_reference, names=["backbone_und"])["backbone_und"]
+    assert not r.passed, r.layers
+    worst = max(r.layers, key=lambda e: max(e["hidden"], e["kv"]))
+    # the hidden states are the int8 cache's, as before the edit: only the keys' judgement sees it
+    assert worst["layer"] == 1 and worst["kv"] > 0.5 and abs(worst["hidden"] - ok.layers[1]["hidden"]) < 1e-6, r.layers
+
+
+def test_sliced_verify_refuses_keys_values_made_outside_their_layer(streamed_bundle, tmp_path, monkeypatch, tiny_reference):
+    """A bundle whose cache nodes are unscoped (built before they were) cannot be judged per layer:
+    verify says so rather than passing on hidden states alone."""
+    from emma_export.verify import verify_components
+
+    monkeypatch.setenv("EMMA_STREAM_BYTES", "0")
+    d = _int8_cache(streamed_bundle, tmp_path, tiny_reference)
+
+    def unscoped(m):
+        for n in m.graph.node:
+            n.name = n.name.replace("/kv_cache/layers.", "/kv_cache/l")
+
+    bad = _edited_backbone(d, tmp_path / "e", unscoped)
+    with pytest.raises(AssertionError, match=r"backbone_und: keys/values new_key_0, new_value_0, .* are made outside their layer's slice"):
+        verify_components(bad, tiny_reference, names=["backbone_und"])
+
+
 def test_a_graph_checked_layer_by_layer_takes_a_few_spread_cases(streamed_bundle, monkeypatch, tiny_reference):
     """Each case's reference layer outputs are held until the graph's last slice has run (an emma-4b
     backbone's worth per case): at most VERIFY_FEEDS_SLICED cases, not verify's 24."""
@@ -393,8 +460,8 @@ def test_a_graph_checked_layer_by_layer_takes_a_few_spread_cases(streamed_bundle
 
 
 def test_reading_a_checkpoint_leaves_no_mapped_weights_in_the_rss(tmp_path):
-    """A checkpoint's tensors, each read and dropped with the reader still open, leave the process's RSS
-    where it was: read through safetensors' mmap, every page read stayed resident (the emma-4b capture
+    """A checkpoint's tensors, each read and dropped with the reader still open, leave the process's
+    file-backed RSS where it was: read through safetensors' mmap, every page read stayed resident (the emma-4b capture
     from an init checkpoint: 22.1 GB of RSS for 10 GB of its own memory, over the 20 GiB the build is held to)."""
     import subprocess
     import sys
@@ -410,8 +477,8 @@ import gc, sys
 sys.path[:0] = {[str(root), str(root / "runtime")]!r}
 from pathlib import Path
 from emma_export.weights.checkpoint import TensorReader
-def rss():
-    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+def rss():  # the file-backed part: mapped weights (the heap's own noise is not what this checks)
+    return int(next(l for l in open("/proc/self/status") if l.startswith("RssFile")).split()[1]) * 1024
 read = TensorReader([Path({str(f)!r})], "w")
 read("t0")  # the first read's one-time costs (imports, the allocator's first pool) are not the leak
 gc.collect()
@@ -425,4 +492,4 @@ print((rss() - before) / 2**20)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
     assert r.returncode == 0, r.stderr
-    assert float(r.stdout) < 100, f"RSS grew {float(r.stdout):.0f} MB reading 320 MB of weights one tensor at a time"
+    assert float(r.stdout) < 32, f"file-backed RSS grew {float(r.stdout):.0f} MB reading 320 MB of weights one tensor at a time"

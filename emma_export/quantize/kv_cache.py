@@ -165,14 +165,18 @@ def _rewrite_standard(m: onnx.ModelProto, kind: str, layers: int, scales: Scales
             for node in g.node:  # the producer of the output, and anything inside that reads it
                 node.output[:] = [inner_new if o == new else o for o in node.output]
             _rename_uses(g, new, inner_new)
+            # scoped as the layer's own nodes (/layers.i/): a graph run slice by slice then makes layer
+            # i's cache in layer i's slice, and verify judges it there (unscoped, they fell to the tail
+            # slice and emma-4b's int8-cache verify compared no keys/values per layer)
+            scope = f"/kv_cache/layers.{i}"
             if kind in EIGHT_BIT:
                 scale = (scales.keys if j == 0 else scales.values)[i]
                 s, z = _scale_inits(g, kind, past, scale)
-                head.append(helper.make_node("DequantizeLinear", [past, s, z], [inner_past], name=f"/kv_cache/{past}/DequantizeLinear"))
-                tail.append(helper.make_node("QuantizeLinear", [inner_new, s, z], [new], name=f"/kv_cache/{new}/QuantizeLinear"))
+                head.append(helper.make_node("DequantizeLinear", [past, s, z], [inner_past], name=f"{scope}/{past}/DequantizeLinear"))
+                tail.append(helper.make_node("QuantizeLinear", [inner_new, s, z], [new], name=f"{scope}/{new}/QuantizeLinear"))
             else:
-                head.append(helper.make_node("Cast", [past], [inner_past], to=TensorProto.FLOAT, name=f"/kv_cache/{past}/Cast"))
-                tail.append(helper.make_node("Cast", [inner_new], [new], to=_ONNX[kind], name=f"/kv_cache/{new}/Cast"))
+                head.append(helper.make_node("Cast", [past], [inner_past], to=TensorProto.FLOAT, name=f"{scope}/{past}/Cast"))
+                tail.append(helper.make_node("Cast", [inner_new], [new], to=_ONNX[kind], name=f"{scope}/{new}/Cast"))
             ins[past].type.tensor_type.elem_type = _ONNX[kind]
             outs[new].type.tensor_type.elem_type = _ONNX[kind]
     nodes = head + list(g.node) + tail  # topological: the pasts first, the new keys last
