@@ -43,7 +43,10 @@ def bundle_bytes(bundle: Path) -> int | None:
     for c in d["components"].values():
         files.add(c["file"])
         files.update(f for f, _ in c["data_files"])
-    return sum((bundle / f).stat().st_size for f in files)
+    paths = [bundle / f for f in files]
+    if not all(p.is_file() for p in paths):
+        return None  # its weights deleted for the next build's disk: the build report's figure stands
+    return sum(p.stat().st_size for p in paths)
 
 
 def engine_summary(run: Path) -> str:
@@ -72,6 +75,8 @@ def row(run: Path) -> list[str]:
     secs = rep.get("seconds", {})
     stages = " / ".join(f"{secs[s]:.0f}" if s in secs else "-" for s in STAGES)
     size = bundle_bytes(run / "bundle")
+    if size is None:
+        size = rep.get("bundle_bytes")  # the same sum, taken by the build when it wrote the bundle
     est = plan.get("bundle_weights")
     if size is not None and est:
         vs = f"{size / 1e9:.2f} GB / {est / 1e9:.2f} GB ({100 * (size / est - 1):+.1f} %)"

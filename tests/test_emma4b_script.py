@@ -118,3 +118,25 @@ def test_the_table_reads_what_the_engines_command_left_in_the_manifest(tmp_path)
                                           "\tElapsed (wall clock) time (h:mm:ss or m:ss): 2:30.00\n")
     assert engine_summary(run) == ("2 rtx-ada, 80 s building, builder peak 11.00 GiB (command 2.5 min, 12.00 GiB); "
                                    "on the device: c")
+
+
+def test_the_table_takes_the_build_reports_bytes_when_the_weights_are_gone(tmp_path):
+    """emma-4b's three bundles and the fp32 export of the next build do not fit this machine's disk
+    together: a finished bundle's weights may be deleted (its manifest and build.json kept) and its
+    row keeps the size the build measured."""
+    import json
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from scale_table import row
+
+    run = tmp_path / "fp8-h100"
+    (run / "bundle").mkdir(parents=True)
+    comps = {"a": {"file": "a.onnx", "data_files": [["a.onnx.data", "x"]]}}
+    (run / "bundle" / "manifest.json").write_text(json.dumps({"components": comps}))
+    (run / "build.json").write_text(json.dumps({"bundle_bytes": 9_000_000_000, "rows": []}))
+    (run / "plan.json").write_text(json.dumps({"bundle_weights": 8_000_000_000}))
+    assert "9.00 GB / 8.00 GB (+12.5 %)" in row(run)
+    (run / "bundle" / "a.onnx").write_bytes(b"x" * 10)
+    (run / "bundle" / "a.onnx.data").write_bytes(b"x" * 30)
+    assert "0.00 GB / 8.00 GB (-100.0 %)" in row(run)  # the files, when they are there
