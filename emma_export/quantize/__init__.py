@@ -92,15 +92,14 @@ def apply_plan(p: Plan, src: Path, dst: Path, feeds: list[Feed] | None, calib_sa
         details["folded_weights"] = modelopt_driver.fold_weight_quantizers(dst)
     if mode == "int8" and p.reduce_range:  # the cpu target (ONNX Runtime's integer kernels)
         details["uint8_activations"] = modelopt_driver.activations_to_uint8(dst)
-    if mode == "int4" and p.high_precision == "fp16":
-        rest_fp16(dst)
-    elif ours:
+    if (mode == "int4" and p.high_precision == "fp16") or ours:
         details["kept_fp32_nodes"] = rest_fp16(dst, p.keep_fp32_ops, p.keep_fp32)["kept_fp32_nodes"]
     return details
 
 
-def rest_fp16(path: Path, keep_ops=("Softmax", "LayerNormalization"), keep_nodes=(r"norm",)) -> dict:
-    """A Q/DQ or INT4 weight-only graph's float part to fp16 (a GPU target), in place, ``keep_*`` fp32."""
+def rest_fp16(path: Path, keep_ops: tuple[str, ...], keep_nodes: tuple[str, ...]) -> dict:
+    """A Q/DQ or INT4 weight-only graph's float part to fp16 (a GPU target), in place; the plan's
+    ``keep_*`` (op types, node patterns) stay fp32."""
     from . import fp16
     from ..export.external_data import load_graph, save_graph
 

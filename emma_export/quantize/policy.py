@@ -202,7 +202,11 @@ def plan(component: str, precision: str, target_is_gpu: bool, cfg=None) -> Plan:
             # from two layers onto the rest (``replay.py``). Measured on small's widths, 2+2 layers, random
             # weights and feeds (scripts/scale_probe.py): rel L2 0.339 / 0.439 against AWQ's 0.284 / 0.387.
             method = "rtn_dq" if cfg is not None and _streamed_backbone(cfg) else "awq_clip"
-            return Plan(c, "int4w", "modelopt-int4", hp, exclude=exclude, calibration_method=method, block_size=bs)
+            # Model Optimizer leaves an int4 graph fp32 around its weights: with fp16 elsewhere our pass
+            # follows, keeping what the fp16 precision keeps (one rule for both)
+            half = _fp16(c) if hp == "fp16" else Plan(c, "fp32", "none", "fp32")
+            return Plan(c, "int4w", "modelopt-int4", hp, exclude=exclude, calibration_method=method, block_size=bs,
+                        keep_fp32=half.keep_fp32, keep_fp32_ops=half.keep_fp32_ops)
         if c == "lm_head":
             return high("LM head kept high in int4w (AWQ on the tied embedding hurts token agreement)")
         return high("int4 weight-only is for the memory-bound backbone; this component is compute-bound")

@@ -169,7 +169,7 @@ def apply_plan_sliced(p, src: Path, dst: Path, feeds: list[Feed] | None, calib_s
                 from . import rest_fp16
 
                 for s, b in parts:
-                    rest_fp16(b)
+                    rest_fp16(b, p.keep_fp32_ops, p.keep_fp32)
         else:
             for s in sg.slices:
                 if progress:
