@@ -119,6 +119,7 @@ build() {  # precision target [extra build flags]
     echo "build $p $t: $d/build.json exists, kept (delete $d to redo)"
     return
   fi
+  run rm -rf "$d"/.bundle.build-*  # a killed build's temporary folder (up to its 36 GB export)
   run "$TIME" -v -o "$d/time.txt" "${EXPORT[@]}" build --config "$CONFIG" "${WEIGHTS[@]}" \
     --precision "$p" --target "$t" --out "$d/bundle" --json "$d/build.json" --force --overwrite --quiet --calibration "$OUT/calib" "${BUILD_FLAGS[@]}" "${extra[@]}" \
     || echo "build $p $t exited $? (see $d/time.txt)"

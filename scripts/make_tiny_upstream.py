@@ -215,8 +215,14 @@ def make_synthetic_upstream(
         w = ShardedSafetensorsWriter(d, entries, shard_bytes)
         for k, dt, shape in entries:
             if dt.is_floating_point:
+                # biases zero and norm scales one, as the real models start: every 1-D tensor at 1.0 put a
+                # +1 on every channel of every SigLIP projection and LayerNorm, and the fp8 vision trunk
+                # of emma-4b measured rel L2 0.181 from it (0.0894 on seeded weights, biases zero)
                 t = torch.empty(shape, dtype=torch.float32)
-                t.normal_(0.0, 0.02, generator=g) if len(shape) > 1 else t.fill_(1.0)
+                if len(shape) > 1:
+                    t.normal_(0.0, 0.02, generator=g)
+                else:
+                    t.fill_(0.0 if k.rsplit(".", 1)[-1] == "bias" else 1.0)
                 t = t.to(dt)
             else:
                 t = torch.zeros(shape, dtype=dt)
