@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Collection
@@ -147,11 +148,9 @@ def quantize_bundle(bundle_dir: str | Path, precision: str, target, feeds: dict[
     # Every graph is written to out/ and moved into the bundle only when all are done: a source
     # graph may read a file another component's result replaces (the tied embedding).
     # a file two components read (the tied embedding's table) is never moved out from under the other
-    readers: dict[str, int] = {}
-    for c in m.components.values():
-        for f in {c.file, *(f for f, _ in c.data_files)}:
-            readers[f] = readers.get(f, 0) + 1
-    shared = {n for n, c in m.components.items() if any(readers[f] > 1 for f in (c.file, *(f for f, _ in c.data_files)))}
+    files = {n: {c.file, *(f for f, _ in c.data_files)} for n, c in m.components.items()}
+    readers = Counter(f for fs in files.values() for f in fs)
+    shared = {n for n, fs in files.items() if any(readers[f] > 1 for f in fs)}
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=bundle_dir) as td:
         work, done = Path(td) / "src", Path(td) / "out"
         for name, info in m.components.items():
