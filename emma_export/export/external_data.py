@@ -144,9 +144,12 @@ def load_graph(path: str | Path) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=True)
 
 
-def copy_graph(src: str | Path, dst: str | Path) -> list[str]:
+def copy_graph(src: str | Path, dst: str | Path, move: bool = False) -> list[str]:
     """Copies a graph and every external file it references (same relative names) to ``dst``'s
-    folder; returns those names. The bytes are unchanged."""
+    folder; returns those names. The bytes are unchanged. ``move``: renamed instead (the source is
+    gone after), for a graph read once in a folder that is the caller's own: no second copy of a
+    14.5 GB backbone on disk (a hard link would do as much, but ONNX's checker refuses external data
+    with several links)."""
     from emma_runtime.paths import confined
 
     src, dst = Path(src), Path(dst)
@@ -154,28 +157,12 @@ def copy_graph(src: str | Path, dst: str | Path) -> list[str]:
     # a location is read from the graph file (a source bundle's manifest only hashes it): a plain
     # name inside the graph's folder, or '../x' would be read from beside it and written beside dst
     found = [confined(src.parent, f, f"external data of {src.name}") for f in files]
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
-    for f, real in zip(files, found):
-        (dst.parent / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(real, dst.parent / f)
-    return files
-
-
-def move_graph(src: str | Path, dst: str | Path) -> list[str]:
-    """``copy_graph`` by renaming (same filesystem): the source is gone after. For a graph read once and
-    then deleted in a folder that is the caller's own (no second copy of a 14.5 GB backbone on disk;
-    a hard link would do as much, but ONNX's checker refuses external data with several links)."""
-    from emma_runtime.paths import confined
-
-    src, dst = Path(src), Path(dst)
-    files = referenced_files(onnx.load(str(src), load_external_data=False))
-    found = [confined(src.parent, f, f"external data of {src.name}") for f in files]
+    put = shutil.move if move else shutil.copyfile
     dst.parent.mkdir(parents=True, exist_ok=True)
     for f, real in zip(files, found):
         (dst.parent / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(real, dst.parent / f)
-    shutil.move(src, dst)
+        put(real, dst.parent / f)
+    put(src, dst)
     return files
 
 

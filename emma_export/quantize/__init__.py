@@ -213,7 +213,7 @@ def _plain_graph(src: Path, dst: Path, move: bool = False) -> Path:
     sees GEMM weights only as initializers) and its data beside it. The export's bytes otherwise."""
     import onnx
 
-    from ..export.external_data import copy_graph, load_graph, move_graph, save_graph
+    from ..export.external_data import copy_graph, load_graph, save_graph
     from ..export.tied_embedding import TIED_FILE, untie
 
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -223,12 +223,11 @@ def _plain_graph(src: Path, dst: Path, move: bool = False) -> Path:
         # the table in a file of its own: fp16 of a graph with external data streams its weights file to
         # file (fp16._stream_weights) instead of holding the table several times over
         save_graph(m, dst, limit=0)
-    elif move:
-        # an emma-4b build's disk peaked at its 36 GB export plus a backbone's 14.5 GB copy: with an
-        # init checkpoint beside it (57 GB free) that ran out at the second backbone
-        move_graph(src, dst)
     else:
-        copy_graph(src, dst)
+        # moved when the folder is a build's own: an emma-4b build's disk peaked at its 36 GB export
+        # plus a backbone's 14.5 GB copy, and beside an init checkpoint (57 GB free) the second
+        # backbone would not have fit
+        copy_graph(src, dst, move=move)
     return dst
 
 

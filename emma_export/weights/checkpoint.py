@@ -121,7 +121,8 @@ class TensorReader:
     safetensors checks each file's header when it is opened; the tensors are then read with plain file
     reads, not through its mmap: a mapped page, once read, counts in the process's RSS for as long as
     the file stays open, and the layer-streamed emma-4b reference reads every weight of its branch on
-    each call (the calibration capture from an init checkpoint: 22.1 GB of RSS, 10 GB of it its own)."""
+    each call (the calibration capture from an init checkpoint: 22.4 GiB of RSS by `time -v`, about
+    10 GB of it its own by `free`)."""
 
     def __init__(self, files: list[Path], source: str):
         from .upstream import SafetensorsFile
